@@ -1,0 +1,117 @@
+"""Read a YAML or JSON document and remember the line of every key and list item.
+
+Errors anywhere later (pydantic, cross-field checks, the planner) are reported as
+``file:line path: message`` by looking a field path up in the line map built here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from reelfarm.errors import Issue, SpecError
+
+__all__ = ["Source", "format_path", "parse_document"]
+
+Path = tuple[str | int, ...]
+
+
+def format_path(path: Path) -> str:
+    """``("scenes", 0, "shots", 2, "id")`` -> ``scenes[0].shots[2].id``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+@dataclass
+class Source:
+    """A parsed document: its data, its file name and the line of each path."""
+
+    file: str
+    data: Any
+    lines: dict[Path, int] = field(default_factory=dict)
+
+    def line(self, path: Path) -> int | None:
+        """The line of ``path``, or of its nearest ancestor that has one."""
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.lines:
+                return self.lines[path[:n]]
+        return None
+
+    def issue(self, path: Path, message: str) -> Issue:
+        return Issue(self.file, self.line(path), format_path(path), message)
+
+    def resolve(self, path: Path) -> Path:
+        """Walk ``path`` through the data, dropping parts that are not in it.
+
+        Pydantic locations carry union tags (``model.diffusers.steps``); the data does
+        not. A last part that is missing is kept: it names a missing field.
+        """
+        node, out = self.data, []
+        for i, part in enumerate(path):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+                out.append(part)
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+                out.append(part)
+            elif i == len(path) - 1:
+                out.append(part)
+        return tuple(out)
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last)."""
+
+
+def _walk(node: yaml.Node, path: Path, src: Source, issues: list[Issue]) -> None:
+    src.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            # YAML 1.1 reads `1`, `on` as int/bool; we key on the text, as users wrote it.
+            sub = (*path, key)
+            if key in seen:
+                issues.append(Issue(src.file, key_node.start_mark.line + 1, format_path(sub),
+                                    f"duplicate key {key!r}"))
+            seen.add(key)
+            src.lines[sub] = key_node.start_mark.line + 1
+            _walk(value_node, sub, src, issues)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, (*path, i), src, issues)
+
+
+def parse_document(text: str, file: str) -> Source:
+    """Parse YAML or JSON text. Raises SpecError with the line of a syntax error."""
+    is_json = file.lower().endswith(".json")
+    try:
+        data = json.loads(text) if is_json else yaml.load(text, Loader=_LineLoader)  # noqa: S506
+    except json.JSONDecodeError as e:
+        raise SpecError([Issue(file, e.lineno, "", f"malformed JSON: {e.msg}")]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError([Issue(file, line, "", f"malformed YAML: {problem}")]) from None
+    src = Source(file=file, data=data)
+    issues: list[Issue] = []
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError:  # valid JSON that YAML cannot compose: no line numbers
+        node = None
+    if node is not None:
+        _walk(node, (), src, issues)
+    if issues:
+        raise SpecError(issues)
+    if not isinstance(data, dict):
+        raise SpecError([Issue(file, 1, "", f"expected a mapping at the top, got {type(data).__name__}")])
+    return src
