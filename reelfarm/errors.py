@@ -61,6 +61,10 @@ class SpecError(FarmError):
         self.issues = tuple(issues)
         super().__init__("\n".join(str(i) for i in self.issues))
 
+    @classmethod
+    def single(cls, file: str, message: str, *, line: int | None = None, path: str = "") -> SpecError:
+        return cls([Issue(file, line, path, message)])
+
     def __reduce__(self):  # keep pickling simple for Ray
         return (type(self), (list(self.issues),))
 

@@ -51,7 +51,8 @@ _NTSC = {23.976: Fraction(24000, 1001), 29.97: Fraction(30000, 1001), 59.94: Fra
 
 def _check_slug(value: str) -> str:
     """Ids become file names and URL parts: refuse anything that could escape a folder."""
-    if not isinstance(value, str) or not _SLUG.match(value) or ".." in value:
+    # fullmatch, not match: `$` also matches before a trailing "\n".
+    if not isinstance(value, str) or not _SLUG.fullmatch(value) or ".." in value:
         raise ValueError(
             f"{value!r} is not a safe id: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit, with no '..'"

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import posixpath
+import re
 import string
 from typing import Any, Callable
 
@@ -147,6 +148,32 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{msg}, got {got}"
 
 
+def _error_path(data: Any, err: dict[str, Any], msg: str) -> tuple[str | int, ...]:
+    """The field path of a pydantic error in ``data`` (the validated input), as written.
+
+    Pydantic locations carry union tags (``model.diffusers``) and ``[key]`` markers that
+    are not in the data: drop them. Only a ``missing`` error names a field that is not
+    there. A model-level check whose message starts with a field in backticks (e.g.
+    "`chunk_frames` must be 4k+1") points at that field when the data has it.
+    """
+    loc = tuple(err["loc"])
+    node, path = data, []
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(part)
+        elif i == len(loc) - 1 and err["type"] == "missing":
+            node = None
+            path.append(part)
+    named = re.match(r"`(\w+)`", msg)
+    if named and isinstance(node, dict) and named.group(1) in node:
+        path.append(named.group(1))
+    return tuple(path)
+
+
 def _validate(model: type[BaseModel], src: Source, data: dict[str, Any], context: str = "") -> Any:
     try:
         return model.model_validate(data)
@@ -159,8 +186,8 @@ def _validate(model: type[BaseModel], src: Source, data: dict[str, Any], context
             # A list that is "too short" only because its items failed: report the items.
             if any(other != loc and other[: len(loc)] == loc for other in locs):
                 continue
-            path = src.resolve(loc)
             msg = _describe(err)
+            path = _error_path(data, err, msg)
             issues.append(src.issue(path, f"{context}{msg}"))
         raise SpecError(_sorted(issues)) from None
 

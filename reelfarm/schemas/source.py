@@ -104,8 +104,11 @@ def parse_document(text: str, file: str) -> Source:
         raise SpecError([Issue(file, line, "", f"malformed YAML: {problem}")]) from None
     src = Source(file=file, data=data)
     issues: list[Issue] = []
+    # JSON that parsed has tabs only as whitespace between tokens, which YAML refuses as
+    # indentation: make them spaces so the line map still works (lines are unchanged).
+    compose_text = text.replace("\t", " ") if is_json else text
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
+        node = yaml.compose(compose_text, Loader=_LineLoader)
     except yaml.YAMLError:  # valid JSON that YAML cannot compose: no line numbers
         node = None
     if node is not None:
