@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,6 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from reelfarm.errors import FarmError, SpecError
+
+# Offline farms: Prefect's ephemeral server must not try to send telemetry.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     name="reelfarm",
@@ -119,6 +123,208 @@ def plan_cmd(
     t.caption = (f"{len(cplan.cells)} cells, {cplan.chunk_count} chunks, {cplan.unique_chunks} unique "
                  f"(shared chunks render once); est {hours:,.3f} GPU-hours ≈ ${hours * gpu_hour_price:,.2f}")
     console.print(t)
+
+
+def _settings(address: str | None, workers: int | None, chunk_delay: float | None,
+              storage_options: list[str] | None, dashboard_host: str | None):
+    from reelfarm.settings import Settings
+
+    overrides: dict = {}
+    if address:
+        overrides["address"] = address
+    if workers:
+        overrides["workers"] = workers
+    if chunk_delay is not None:
+        overrides["chunk_delay_s"] = chunk_delay
+    if dashboard_host:
+        overrides["dashboard_host"] = dashboard_host
+        overrides["include_dashboard"] = True
+    if storage_options:
+        opts = {}
+        for item in storage_options:
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise typer.BadParameter(f"--storage-option takes KEY=VALUE, got {item!r}")
+            opts[k] = v
+        overrides["storage_options"] = _nest(opts)
+    return Settings(**overrides)
+
+
+def _nest(flat: dict[str, str]) -> dict:
+    """``client_kwargs.endpoint_url=...`` -> ``{"client_kwargs": {"endpoint_url": ...}}``."""
+    out: dict = {}
+    for k, v in flat.items():
+        node = out
+        *head, last = k.split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = v
+    return out
+
+
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="join a Ray cluster: auto, HOST:PORT or ray://...")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="CPU workers when there is no GPU")]
+DelayOpt = Annotated[Optional[float], typer.Option("--chunk-delay", help="seconds each chunk takes at least (demos, drills)")]
+StorageOpt = Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option for OUT, KEY=VALUE (repeat)")]
+DashOpt = Annotated[Optional[str], typer.Option("--dashboard-host", help="start an embedded Ray's dashboard on this host")]
+PrefectOpt = Annotated[bool, typer.Option("--prefect/--no-prefect", help="record the run as a Prefect flow")]
+
+
+def _print_run(summary: dict) -> None:
+    t = Table(title=f"run {summary.get('run_id', '')} -> {summary.get('out', '')}", title_justify="left")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for k in ("chunks", "rendered", "cached", "failed", "model_loads", "identity_encodes", "nodes_used"):
+        if k in summary:
+            t.add_row(k.replace("_", " "), str(summary[k]))
+    console.print(t)
+    for shot, err in (summary.get("failed_shots") or {}).items():
+        err_console.print(f"[red]shot {shot} failed:[/] {err}", highlight=False, markup=False)
+    for name, url in (summary.get("outputs") or {}).items():
+        console.print(f"  {name}: {url}", highlight=False)
+
+
+def _run(spec_or_film, out: str, settings, use_prefect: bool) -> int:
+    """Render a film (spec URL or loaded Film) or a campaign; returns the exit code."""
+    from reelfarm.flows.render import render_spec
+    from reelfarm.schemas.film import Film
+
+    if use_prefect and isinstance(spec_or_film, str):
+        from reelfarm.flows.film import render_campaign_flow, render_film_flow
+        from reelfarm.schemas.loader import LoadedCampaign
+
+        loaded = _load(spec_or_film)  # bad input: exit 2 before Prefect or Ray start
+        flow_fn = render_campaign_flow if isinstance(loaded, LoadedCampaign) else render_film_flow
+        state = flow_fn(spec_or_film, out, settings, return_state=True)
+        try:
+            result = state.result(raise_on_failure=True)
+        except FarmError as e:
+            _print_status(out, settings)
+            err_console.print(f"[bold red]run failed:[/] {e}", highlight=False, markup=False)
+            return 1
+        if isinstance(loaded, LoadedCampaign):
+            for cell, summary in result["cells"].items():
+                console.print(f"[bold]cell {cell}[/]")
+                _print_run(summary)
+        else:
+            _print_run(result)
+        return 0
+    film = spec_or_film if isinstance(spec_or_film, Film) else _load(spec_or_film)
+    if not isinstance(film, Film):
+        raise typer.BadParameter("campaigns render through Prefect; drop --no-prefect")
+    from reelfarm.flows.film import run_summary
+
+    result = render_spec(film, out, settings)
+    _print_run(run_summary(result))
+    return result.exit_code
+
+
+def _print_status(out: str, settings) -> None:
+    from reelfarm.cluster.store import ChunkStore
+
+    data = ChunkStore(out, storage_options=settings.storage_options).read_bytes("status.json")
+    if data:
+        doc = json.loads(data)
+        for shot in doc.get("shots", []):
+            if shot["status"] != "ok":
+                err_console.print(f"  shot {shot['shot']}: {shot['error']}", highlight=False, markup=False)
+
+
+@app.command()
+def render(
+    spec: Annotated[str, typer.Argument(help="film or campaign spec: path or fsspec URL")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output location: folder or fsspec URL")],
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    chunk_delay: DelayOpt = None,
+    storage_option: StorageOpt = None,
+    dashboard_host: DashOpt = None,
+    prefect: PrefectOpt = True,
+) -> None:
+    """Render a film or campaign on Ray (an embedded local instance unless --address)."""
+    settings = _settings(address, workers, chunk_delay, storage_option, dashboard_host)
+    raise typer.Exit(_run(spec, out, settings, prefect))
+
+
+@app.command()
+def resume(
+    out: Annotated[str, typer.Argument(help="the output location of an earlier run")],
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    chunk_delay: DelayOpt = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Finish an interrupted run: renders only the chunks storage lacks."""
+    from reelfarm.flows.render import load_run_film
+
+    settings = _settings(address, workers, chunk_delay, storage_option, None)
+    try:
+        film = load_run_film(out, settings.storage_options)
+    except FarmError as e:
+        raise _fail(e) from None
+    raise typer.Exit(_run(film, out, settings, False))
+
+
+@app.command()
+def status(
+    out: Annotated[str, typer.Argument(help="output location of a run")],
+    storage_option: StorageOpt = None,
+) -> None:
+    """Show a run's chunks by status, from its manifest."""
+    from reelfarm.cluster.manifest import read_manifest
+    from reelfarm.cluster.store import ChunkStore
+
+    settings = _settings(None, None, None, storage_option, None)
+    table = read_manifest(ChunkStore(out, storage_options=settings.storage_options))
+    if table is None:
+        err_console.print(f"no manifest in {out}")
+        raise typer.Exit(2)
+    rows = table.to_pylist()
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    t = Table(title=f"run {rows[0]['run_id'] if rows else '?'}: {len(rows)} chunks", title_justify="left")
+    t.add_column("status")
+    t.add_column("chunks", justify="right")
+    for k, v in sorted(counts.items()):
+        t.add_row(k, str(v))
+    console.print(t)
+    for r in rows:
+        if r["status"] == "failed":
+            err_console.print(f"  {r['chunk_name']}: {r['error']}", highlight=False, markup=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder")] = "demo-out",
+    spec: Annotated[Optional[str], typer.Option("--spec", help="film to render")] = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Render the bundled example on embedded defaults: local Ray, ephemeral Prefect, animatic."""
+    spec = spec or str(EXAMPLE)
+    console.print(f"[bold]reelfarm demo[/]: {spec} -> {out}", highlight=False)
+    plan_cmd(spec, as_json=False, gpu_hour_price=2.5)
+    settings = _settings(None, workers, None, None, None)
+    raise typer.Exit(_run(spec, out, settings, True))
+
+
+@app.command()
+def schedule(
+    spec: Annotated[str, typer.Argument(help="campaign spec with a `schedule: {cron: ...}`")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output location for every run")],
+    name: Annotated[Optional[str], typer.Option("--name", help="deployment name")] = None,
+) -> None:
+    """Serve a campaign as a Prefect deployment on its cron schedule (blocks)."""
+    from prefect import serve
+
+    from reelfarm.flows.deploy import build_deployment
+
+    try:
+        deployment = build_deployment(spec, out, name=name)
+    except SpecError as e:
+        raise _fail(e) from None
+    console.print(f"serving deployment {deployment.name!r} ({deployment.schedules})", highlight=False)
+    serve(deployment)
 
 
 def main() -> None:  # pragma: no cover - console script

@@ -1,0 +1,87 @@
+"""The manifest writer: one row per chunk, rewritten to OUT as chunks finish.
+
+``OUT/manifest.parquet`` always holds the latest run; ``OUT/runs/<run_id>/manifest.parquet``
+keeps each run's own. Writes go through the store's atomic small-file write, so a
+reader sees the previous table or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reelfarm.cluster.store import ChunkStore
+from reelfarm.schemas.manifest import ManifestRow, plan_rows, rows_to_table, table_to_rows
+from reelfarm.schemas.plan import RenderPlan
+
+__all__ = ["ManifestWriter", "read_manifest", "utcnow"]
+
+logger = logging.getLogger(__name__)
+MANIFEST = "manifest.parquet"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def read_manifest(store: ChunkStore, run_id: str | None = None, prefix: str = "") -> pa.Table | None:
+    """The latest manifest under OUT (or one run's), or None when there is none."""
+    rel = MANIFEST if run_id is None else f"runs/{run_id}/{MANIFEST}"
+    if prefix:
+        rel = f"{prefix.strip('/')}/{rel}"
+    data = store.read_bytes(rel)
+    if data is None:
+        return None
+    return pq.read_table(io.BytesIO(data))
+
+
+class ManifestWriter:
+    """Holds the run's rows in memory and flushes them to storage now and then."""
+
+    def __init__(self, store: ChunkStore, plan: RenderPlan, run_id: str, *, flush_s: float = 2.0,
+                 prefix: str = "") -> None:
+        self.store = store
+        self.prefix = prefix.strip("/")
+        self.run_id = run_id
+        self.flush_s = flush_s
+        self.rows: list[ManifestRow] = plan_rows(plan, run_id)
+        self._by_key: dict[str, list[ManifestRow]] = {}
+        for row in self.rows:
+            self._by_key.setdefault(row.content_key, []).append(row)
+        self._last = 0.0
+        self._dirty = True
+
+    def update(self, key: str, **fields: Any) -> None:
+        for row in self._by_key.get(key, []):
+            for name, value in fields.items():
+                setattr(row, name, value)
+        self._dirty = True
+
+    def get(self, key: str) -> ManifestRow:
+        return self._by_key[key][0]
+
+    def table(self) -> pa.Table:
+        return rows_to_table(self.rows)
+
+    def flush(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._dirty or (not force and now - self._last < self.flush_s):
+            return
+        buf = io.BytesIO()
+        pq.write_table(self.table(), buf, compression="zstd")
+        data = buf.getvalue()
+        base = f"{self.prefix}/" if self.prefix else ""
+        self.store.write_bytes_atomic(f"{base}runs/{self.run_id}/{MANIFEST}", data)
+        self.store.write_bytes_atomic(f"{base}{MANIFEST}", data)
+        self._last = now
+        self._dirty = False
+
+    @staticmethod
+    def rows_of(table: pa.Table) -> list[ManifestRow]:
+        return table_to_rows(table)

@@ -1,0 +1,90 @@
+"""Start or join Ray, in one place, and see what the cluster offers.
+
+With no address an embedded local instance is started, sized to the machine, dashboard
+on loopback; with an address (``auto``, ``HOST:PORT``, ``ray://...``) an existing cluster
+is joined. Ray's token authentication is left as Ray sets it (on by default since 2.52).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+__all__ = ["ClusterInfo", "NodeSlots", "connect", "node_slots"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeSlots:
+    """Worker slots on one alive node: ``gpus`` GPU workers or ``cpus`` CPU workers."""
+
+    node_id: str
+    address: str
+    gpus: int
+    cpus: int
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    started: bool  # True when this process started an embedded instance
+    address: str
+    nodes: int
+    gpus: float
+    cpus: float
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+            include_dashboard: bool = False, dashboard_host: str = "127.0.0.1") -> ClusterInfo:
+    """Join ``address`` or start a local Ray instance; reuse one already running here."""
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict = {"log_to_driver": False, "configure_logging": False}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                     dashboard_host=dashboard_host, **kwargs)
+            started = True
+    res = ray.cluster_resources()
+    info = ClusterInfo(
+        started=started,
+        address=ray.get_runtime_context().gcs_address,
+        nodes=len([n for n in ray.nodes() if n.get("Alive")]),
+        gpus=res.get("GPU", 0.0),
+        cpus=res.get("CPU", 0.0),
+    )
+    logger.info("ray: %s", info)
+    return info
+
+
+def node_slots(*, workers: int | None = None, exclude: set[str] | frozenset[str] = frozenset()
+               ) -> list[NodeSlots]:
+    """Alive nodes and how many workers each can hold: one per GPU, else CPU workers.
+
+    With GPUs anywhere in the cluster only GPU workers are made. Without, ``workers``
+    CPU workers are spread over the nodes (default: one per two cores, at least one).
+    """
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    # The kind of worker follows the whole cluster: blocklisting every GPU node must not
+    # turn a GPU farm into a CPU one.
+    total_gpus = sum(int(n["Resources"].get("GPU", 0)) for n in alive)
+    nodes = [n for n in alive if n["NodeID"] not in exclude]
+    out = []
+    if total_gpus:
+        for n in nodes:
+            g = int(n["Resources"].get("GPU", 0))
+            if g:
+                out.append(NodeSlots(n["NodeID"], n.get("NodeManagerAddress", ""), g, 0))
+        return out
+    want = workers or max(1, (os.cpu_count() or 2) // 2)
+    cpu_nodes = [n for n in nodes if int(n["Resources"].get("CPU", 0)) >= 1]
+    for i, n in enumerate(cpu_nodes):
+        cap = int(n["Resources"].get("CPU", 0))
+        share = want // len(cpu_nodes) + (1 if i < want % len(cpu_nodes) else 0)
+        if share:
+            out.append(NodeSlots(n["NodeID"], n.get("NodeManagerAddress", ""), 0, min(share, cap)))
+    return out

@@ -1,0 +1,48 @@
+"""Run settings, read once at entry points (env prefix ``REELFARM_``) and passed down."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """How a run uses the cluster. Every field can be set as ``REELFARM_<NAME>``.
+
+    Attributes:
+        address: Ray cluster to join (``auto``, ``HOST:PORT``, ``ray://...``); None starts
+            an embedded local instance sized to the machine.
+        workers: CPU workers when there is no GPU (default: one per two cores, at least 1).
+        dashboard_host: where an embedded Ray's dashboard listens; loopback unless asked.
+        include_dashboard: start the dashboard of an embedded Ray.
+        max_attempts: attempts per chunk before it fails (retryable failures only).
+        node_failure_limit: failed chunks after which a node is blocklisted for the run.
+        timeout_factor: a chunk running past this multiple of its estimate is cancelled...
+        timeout_floor_s: ...but never before this many seconds (estimates are H100 figures).
+        queue_depth: chunks queued on each worker, the running one included.
+        worker_start_timeout_s: how long to wait for the first workers to come up.
+        manifest_flush_s: how often the manifest is rewritten while chunks finish.
+        chunk_delay_s: a throttle that makes every chunk take at least this long; for
+            demos and failure drills (like Flamenco's sleep jobs). 0 in production.
+        storage_options: fsspec options for OUT (e.g. an S3 endpoint and keys).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="REELFARM_", extra="ignore")
+
+    address: str | None = None
+    workers: int | None = Field(None, ge=1, le=1024)
+    dashboard_host: str = "127.0.0.1"
+    include_dashboard: bool = False
+    max_attempts: int = Field(3, ge=1, le=20)
+    node_failure_limit: int = Field(3, ge=1)
+    timeout_factor: float = Field(10.0, gt=1.0)
+    timeout_floor_s: float = Field(600.0, gt=0.0)
+    queue_depth: int = Field(2, ge=1, le=16)
+    worker_start_timeout_s: float = Field(600.0, gt=0.0)
+    manifest_flush_s: float = Field(2.0, ge=0.0)
+    chunk_delay_s: float = Field(0.0, ge=0.0)
+    storage_options: dict[str, Any] = Field(default_factory=dict)

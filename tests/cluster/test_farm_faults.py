@@ -1,0 +1,140 @@
+"""Failure drills on a real 3-node Ray cluster: each test starts its own farm and breaks it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from reelfarm.cluster.farm import Farm
+from reelfarm.cluster.manifest import ManifestWriter, read_manifest
+from reelfarm.cluster.store import ChunkStore
+from reelfarm.flows.plan import plan_film
+from reelfarm.schemas.loader import load_film
+from reelfarm.settings import Settings
+from tests.films import write_film
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def test_model_loads_equal_worker_model_pairs(ray_cluster, tmp_path):
+    spec = write_film(tmp_path / "spec")
+    store = ChunkStore(str(tmp_path / "out"))
+    with Farm(store, Settings(manifest_flush_s=0.0)) as farm:
+        plan = plan_film(load_film(spec))
+        summary = farm.render(plan, ManifestWriter(store, plan, "r1"))
+        info = farm.worker_info()
+    used = [w for w in info if w["model_loads"]]
+    assert summary.model_loads == sum(w["model_loads"] for w in info) == len(used)
+    assert {w["model"] for w in used} == {"animatic"}
+    # Identity bundles were written to storage under their content hash.
+    assert len(store.fs.ls(store.url("identities"))) == 2
+
+
+def _run_in_thread(fn):
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("result", fn()), daemon=True)
+    t.start()
+    return t, box
+
+
+def _wait_for(predicate, timeout: float = 60.0, step: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError("timed out waiting")
+
+
+def test_killing_a_worker_mid_chunk_loses_nothing(ray_cluster, tmp_path):
+    spec = write_film(tmp_path / "spec")
+    plan = plan_film(load_film(spec))
+    store = ChunkStore(str(tmp_path / "out"))
+    with Farm(store, Settings(chunk_delay_s=0.5, manifest_flush_s=0.0)) as farm:
+        victim = farm.worker_info()[0]
+        manifest = ManifestWriter(store, plan, "r1", flush_s=0.0)
+        thread, box = _run_in_thread(lambda: farm.render(plan, manifest))
+        # Kill the victim while it is inside a chunk (each chunk takes >= 0.5 s).
+        _wait_for(lambda: any(r.worker == victim["worker"] and r.status == "running"
+                              for r in manifest.rows))
+        time.sleep(0.2)
+        os.kill(victim["pid"], signal.SIGKILL)
+        thread.join(120)
+        summary = box["result"]
+    assert summary.ok, summary.failed
+    assert sorted(summary.rendered) == sorted(c.key for c in plan.chunks)  # each exactly once
+    assert max(r.attempts for r in manifest.rows) == 2  # the killed chunk, retried elsewhere
+    for c in plan.chunks:
+        assert store.read_frames(c.key).shape[0] == c.num_frames
+    assert sum(s.frames for s in plan.shots) - sum(s.transition_frames for s in plan.shots) == plan.frames
+
+
+def test_removing_a_node_mid_run_loses_nothing(ray_cluster, tmp_path):
+    extra = ray_cluster.add_node(num_cpus=1, num_gpus=1)
+    ray_cluster.wait_for_nodes()
+    spec = write_film(tmp_path / "spec")
+    plan = plan_film(load_film(spec))
+    store = ChunkStore(str(tmp_path / "out"))
+    with Farm(store, Settings(chunk_delay_s=0.5, manifest_flush_s=0.0)) as farm:
+        extra_id = extra.node_id
+        assert any(w.node_id == extra_id for w in farm.workers)
+        manifest = ManifestWriter(store, plan, "r1", flush_s=0.0)
+        thread, box = _run_in_thread(lambda: farm.render(plan, manifest))
+        _wait_for(lambda: any(r.node == extra_id and r.status == "running" for r in manifest.rows))
+        ray_cluster.remove_node(extra, allow_graceful=False)
+        thread.join(180)
+        summary = box["result"]
+    assert summary.ok, summary.failed
+    assert sorted(summary.rendered) == sorted(c.key for c in plan.chunks)
+    assert all(r.status == "done" and r.node != extra_id for r in manifest.rows if r.attempts > 1)
+    for c in plan.chunks:
+        assert store.read_frames(c.key).shape[0] == c.num_frames
+
+
+def test_driver_killed_then_resumed_renders_no_finished_chunk(ray_cluster, tmp_path):
+    spec = write_film(tmp_path / "spec")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "reelfarm.cli", "render", str(spec), "--out", str(out),
+           "--address", ray_cluster.address, "--no-prefect", "--chunk-delay", "0.4"]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    store = ChunkStore(str(out))
+    plan = plan_film(load_film(spec))
+    try:
+        _wait_for(lambda: sum(store.is_complete(c.key) for c in plan.chunks) >= 3, timeout=90)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    time.sleep(2.0)  # the dead driver's workers are torn down by Ray
+    finished = {c.key for c in plan.chunks if store.is_complete(c.key)}
+    assert 3 <= len(finished) < len(plan.chunks), "the driver must die mid-run"
+
+    resumed = subprocess.run([sys.executable, "-m", "reelfarm.cli", "resume", str(out),
+                              "--address", ray_cluster.address], env=env, capture_output=True,
+                             text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = read_manifest(store).to_pylist()
+    assert {r["content_key"] for r in rows if r["status"] == "cached"} == finished
+    assert {r["content_key"] for r in rows if r["status"] == "done"} == {c.key for c in plan.chunks} - finished
+
+
+def test_chunk_past_its_deadline_is_cancelled_and_nodes_blocklisted(ray_cluster, tmp_path):
+    spec = write_film(tmp_path / "spec", shots=[
+        {"id": "s01_010", "frames": 10, "prompt": "one slow chunk", "characters": []}])
+    plan = plan_film(load_film(spec))
+    store = ChunkStore(str(tmp_path / "out"))
+    settings = Settings(chunk_delay_s=30.0, timeout_floor_s=1.0, timeout_factor=2.0,
+                        node_failure_limit=1, max_attempts=3, manifest_flush_s=0.0)
+    with Farm(store, settings) as farm:
+        farm.worker_info()  # workers up before the clock starts
+        summary = farm.render(plan, ManifestWriter(store, plan, "r1"))
+    key = plan.chunks[0].key
+    assert "ChunkTimeout after 3 attempts" in summary.failed[key]
+    assert len(summary.blocklisted) == 3  # each node failed once, limit 1
+    assert not store.is_complete(key)
