@@ -18,8 +18,9 @@ class FamilyRule:
         name: family name used in specs (``wan``, ``ltx``...).
         step: frame counts must be ``step * k + 1`` (``1`` means any count).
         allowed: when set, the only frame counts the model was trained on.
-        native_frames: the longest clip one call makes, the default chunk length.
+        native_frames: the clip length the model was trained on, the default chunk length.
         min_frames: the shortest clip one call makes.
+        max_frames: the longest chunk a spec may ask for (default ``native_frames``).
         size_multiple: width and height must be multiples of this.
         gpu_s_per_frame_mp_step: cost model, GPU-seconds per frame per megapixel per step
             on one H100-class GPU (published figures, see ``docs``), plus ``gpu_s_load``.
@@ -35,6 +36,11 @@ class FamilyRule:
     gpu_s_fixed: float
     allowed: tuple[int, ...] | None = None
     default_steps: int = 30
+    max_frames: int | None = None  # the longest chunk allowed (default: native_frames)
+
+    @property
+    def longest(self) -> int:
+        return self.max_frames or self.native_frames
 
     @property
     def rule(self) -> str:
@@ -62,11 +68,11 @@ class FamilyRule:
 FAMILIES: dict[str, FamilyRule] = {
     # The animatic draws frames directly: any length. Its native clip is short so
     # that even a small film exercises chunking, overlap and the farm.
-    "animatic": FamilyRule("animatic", 1, 48, 1, 2, 0.03, 0.05, default_steps=1),
+    "animatic": FamilyRule("animatic", 1, 48, 1, 2, 0.03, 0.05, default_steps=1, max_frames=1024),
     # Wan 2.1 I2V 14B: ~5 min for 81 frames at 832x480, 40 steps on an H100 (notes 3.4).
     "wan": FamilyRule("wan", 4, 81, 5, 16, 0.23, 20.0, default_steps=40),
     # LTX-Video 2B: ~2 s for 121 frames at 768x512, 40 steps on an H100 (arXiv 2501.00103).
-    "ltx": FamilyRule("ltx", 8, 121, 9, 32, 0.0011, 1.0, default_steps=40),
+    "ltx": FamilyRule("ltx", 8, 121, 9, 32, 0.0011, 1.0, default_steps=40, max_frames=257),
     # CogVideoX-5B I2V: ~90 s for 49 frames at 720x480, 50 steps on an H100.
     "cogvideox": FamilyRule("cogvideox", 8, 49, 9, 16, 0.106, 5.0, default_steps=50),
     # Stable Video Diffusion (XT): trained on 14 (svd) or 25 (svd-xt) frames.

@@ -164,6 +164,11 @@ class _ModelCommon(_Strict):
                 f"`chunk_frames` must be {rule.rule} (at least {rule.min_frames}) for "
                 f"{rule.name}, got {self.chunk_frames}"
             )
+        if self.chunk_frames is not None and self.chunk_frames > rule.longest:
+            raise ValueError(
+                f"`chunk_frames` must be at most {rule.longest} for {rule.name} (its native clip "
+                f"is {rule.native_frames} frames), got {self.chunk_frames}"
+            )
         if self.overlap >= self.frames_per_chunk:
             raise ValueError(
                 f"`overlap` must be shorter than a chunk ({self.frames_per_chunk} frames), "

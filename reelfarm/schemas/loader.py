@@ -438,18 +438,21 @@ def load_campaign(url: str | os.PathLike[str], *, storage_options: dict[str, Any
         cell_id = "/".join(name for name, _ in combo)
         raw = fraw
         variables: dict[str, str] = {}
+        cell_src = fsrc
         for (axis, _), (name, mv) in zip(axes, combo):
             over = _absolutise(mv.film, cbase)
             raw = _deep_merge(raw, over)
             variables.update(mv.vars)
+            # What this value overrides is reported at the campaign's line, not the film's.
+            cell_src = cell_src.overlay(csrc, ("matrix", axis, name, "film"))
         variables.update({k: v for k, v in values.items() if k not in variables})
         cell_issues: list[Issue] = []
-        raw = _fill_vars(raw, variables, fsrc, (), cell_issues)
+        raw = _fill_vars(raw, variables, cell_src, (), cell_issues)
         if cell_issues:
             issues.extend(Issue(i.file, i.line, i.path, f"(cell {cell_id}) {i.message}") for i in cell_issues)
             continue
         try:
-            film = _film_from_raw(raw, fsrc, _base_of(film_url), storage_options,
+            film = _film_from_raw(raw, cell_src, _base_of(film_url), storage_options,
                                   hash_references=False, context=f"(cell {cell_id}) ")
         except SpecError as e:
             issues.extend(e.issues)

@@ -37,16 +37,37 @@ class Source:
     file: str
     data: Any
     lines: dict[Path, int] = field(default_factory=dict)
+    # Paths written in another file (a campaign's `film:` overrides): path -> that file.
+    files: dict[Path, str] = field(default_factory=dict)
+
+    def _nearest(self, path: Path) -> Path | None:
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.lines:
+                return path[:n]
+        return None
 
     def line(self, path: Path) -> int | None:
         """The line of ``path``, or of its nearest ancestor that has one."""
-        for n in range(len(path), -1, -1):
-            if path[:n] in self.lines:
-                return self.lines[path[:n]]
-        return None
+        near = self._nearest(path)
+        return None if near is None else self.lines[near]
 
     def issue(self, path: Path, message: str) -> Issue:
-        return Issue(self.file, self.line(path), format_path(path), message)
+        near = self._nearest(path)
+        file = self.files.get(near, self.file) if near is not None else self.file
+        return Issue(file, None if near is None else self.lines[near], format_path(path), message)
+
+    def overlay(self, other: Source, prefix: Path) -> Source:
+        """A copy whose paths under ``other``'s ``prefix`` point at ``other``'s lines.
+
+        Used for campaign cells: a value a cell's ``film:`` override set is reported at
+        the campaign's line, everything else at the base film's.
+        """
+        out = Source(self.file, self.data, dict(self.lines), dict(self.files))
+        for path, line in other.lines.items():
+            if len(path) > len(prefix) and path[: len(prefix)] == prefix:
+                out.lines[path[len(prefix):]] = line
+                out.files[path[len(prefix):]] = other.file
+        return out
 
     def resolve(self, path: Path) -> Path:
         """Walk ``path`` through the data, dropping parts that are not in it.

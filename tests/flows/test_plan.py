@@ -192,7 +192,6 @@ def test_planned_chunks_obey_the_family_rule(plan_text, model_line, family):
         assert [c.overlap for c in shot.chunks] == [0] + [model.overlap] * (len(shot.chunks) - 1)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: chunk_frames above the family's native clip is accepted")
 def test_chunk_frames_longer_than_the_native_clip_is_refused(folder):
     # FamilyRule.native_frames is "the longest clip one call makes"; 161 frames is 4k+1
     # but twice Wan's native 81, so the planner makes chunks longer than the model can.
@@ -595,8 +594,6 @@ def test_campaign_cell_override_errors_name_the_cell(campaign_path):
     assert {i.path for i in info.value.issues} == {"resolution"}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an error from a cell's `film:` override is reported "
-                   "against the base film (line 1), not the campaign line that caused it")
 def test_campaign_override_errors_point_at_the_campaign_line(campaign_path):
     path = campaign_path(CAMPAIGN.replace("[432, 768]", "[431, 768]"))
     with pytest.raises(SpecError) as info:
