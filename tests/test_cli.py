@@ -169,6 +169,16 @@ def test_plan_subprocess_on_a_bad_spec_writes_nothing(specs, tmp_path):
     assert files_under(out_dir) == []
 
 
+def test_render_on_a_bad_spec_exits_2_and_writes_nothing(runner, specs, tmp_path):
+    out_dir = tmp_path / "render-out"
+    for extra in ([], ["--no-prefect"]):
+        result = runner.invoke(app, ["render", str(specs / "bad.yaml"), "--out", str(out_dir), *extra],
+                               env=ENV)
+        assert result.exit_code == 2, result.output
+        assert BAD_MESSAGE in result.stderr and "Traceback" not in result.output
+    assert not out_dir.exists()  # not even the folder: nothing started
+
+
 # --- plan -------------------------------------------------------------------------------------------
 def test_plan_prints_a_table_with_totals(runner, specs):
     plan = plan_film(load_film(specs / "film.yaml"))

@@ -13,7 +13,7 @@ from typing import Any
 
 from reelfarm.errors import PlanError
 from reelfarm.schemas.campaign import CampaignCell
-from reelfarm.schemas.families import FamilyRule
+from reelfarm.schemas.families import ANIMATIC_VERSION, FamilyRule
 from reelfarm.schemas.film import AnimaticModel, Film, Scene, Shot, seconds_to_frames
 from reelfarm.schemas.plan import ChunkPlan, RenderPlan, ShotPlan
 
@@ -58,7 +58,7 @@ def chunk_ranges(frames: int, rule: FamilyRule, per_chunk: int, overlap: int) ->
 
 def _model_doc(model: Any) -> dict[str, Any]:
     if isinstance(model, AnimaticModel):
-        return {"backend": "animatic", "slate": model.slate}
+        return {"backend": "animatic", "slate": model.slate, "version": ANIMATIC_VERSION}
     return {k: v for k, v in model.model_dump(mode="json").items() if k not in _NOT_PIXELS}
 
 

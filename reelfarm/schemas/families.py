@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FAMILIES", "FamilyRule", "family_for"]
+__all__ = ["ANIMATIC_VERSION", "FAMILIES", "FamilyRule", "family_for"]
+
+# The animatic's drawing version: part of every animatic chunk's content key, so a change
+# to how the animatic draws re-renders cached chunks. Bump it with any visible change.
+ANIMATIC_VERSION = "1"
 
 
 @dataclass(frozen=True)

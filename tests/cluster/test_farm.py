@@ -116,3 +116,27 @@ def test_s3_output_end_to_end(farm, s3_bucket, tmp_path):
     for c in plan.chunks:
         assert fresh.is_complete(c.key, verify=True)
     assert read_manifest(fresh).num_rows == len(plan.chunks)
+
+
+def test_corrupt_chunk_found_by_stitching_is_rendered_again(farm, tmp_path):
+    from reelfarm.flows.render import render_spec
+    from reelfarm.render.ffmpeg import probe
+
+    spec = write_film(tmp_path / "spec")
+    film = load_film(spec)
+    out = tmp_path / "out"
+    first = render_spec(film, str(out), farm.settings, farm=farm)
+    assert first.exit_code == 0
+    # Flip one byte inside a committed chunk: sizes still match, the checksum does not.
+    victim = first.plan.shot("s01_020").chunks[1]
+    rec = ChunkStore(str(out)).record(victim.key)
+    frames = Path(rec.url.replace("file://", "")) / rec.attempt / "frames.mkv"
+    data = bytearray(frames.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    frames.write_bytes(bytes(data))
+
+    again = render_spec(film, str(out), farm.settings, farm=farm)
+    assert again.exit_code == 0
+    assert again.summary.rendered == [victim.key]  # named by key, rendered again, not skipped
+    assert probe(str(out / "final.mp4")).frames == again.plan.frames
+    assert ChunkStore(str(out)).is_complete(victim.key, verify=True)

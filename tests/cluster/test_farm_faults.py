@@ -138,3 +138,22 @@ def test_chunk_past_its_deadline_is_cancelled_and_nodes_blocklisted(ray_cluster,
     assert "ChunkTimeout after 3 attempts" in summary.failed[key]
     assert len(summary.blocklisted) == 3  # each node failed once, limit 1
     assert not store.is_complete(key)
+
+
+def test_cli_render_with_a_failed_shot_exits_1_and_keeps_the_rest(ray_cluster, tmp_path):
+    shots = [
+        {"id": "s01_010", "frames": 20, "prompt": "fine", "characters": ["flame"]},
+        {"id": "s01_020", "frames": 20, "prompt": "broken", "characters": [],
+         "model": {"backend": "diffusers", "family": "wan", "id": str(tmp_path / "missing")}},
+    ]
+    spec = write_film(tmp_path / "spec", shots=shots, resolution=[64, 48])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "reelfarm.cli", "render", str(spec), "--out", str(out),
+                           "--address", ray_cluster.address, "--no-prefect"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "shot s01_020 failed" in proc.stderr and "missing" in proc.stderr
+    plan = plan_film(load_film(spec))
+    store = ChunkStore(str(out))
+    assert all(store.is_complete(c.key) for c in plan.shot("s01_010").chunks)
+    assert (out / "status.json").exists() and not (out / "final.mp4").exists()
