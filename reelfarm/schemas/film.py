@@ -199,6 +199,14 @@ class DiffusersModel(_ModelCommon):
     max_sequence_length: int = Field(226, ge=8, le=1024)
     continuation: Literal["previous", "reference"] = "previous"
 
+    @model_validator(mode="after")
+    def _continuation_overlaps(self) -> DiffusersModel:
+        # An image-to-video chunk's first frame reproduces the image it starts from: that
+        # frame must be one the previous chunk made, or the shot shows it twice.
+        if self.continuation == "previous" and self.overlap < 1:
+            raise ValueError("`overlap` must be at least 1 when `continuation` is 'previous', got 0")
+        return self
+
 
 ModelSpec = Annotated[AnimaticModel | DiffusersModel, Field(discriminator="backend")]
 

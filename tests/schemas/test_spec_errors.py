@@ -367,6 +367,16 @@ def test_overlap_must_be_shorter_than_a_chunk(write_spec):
     )
 
 
+def test_chained_diffusers_chunks_need_an_overlap(write_spec):
+    path = write_spec(with_model("  backend: diffusers\n  family: wan\n  id: x\n  overlap: 0\n"))
+    assert only_issue(path) == (
+        f"{path}:7 model.overlap: `overlap` must be at least 1 when `continuation` is 'previous', got 0"
+    )
+    ok = write_spec(with_model("  backend: diffusers\n  family: wan\n  id: x\n  overlap: 0\n"
+                               "  continuation: reference\n"))
+    load_film(ok)
+
+
 def test_unknown_family(write_spec):
     path = write_spec(with_model("  backend: diffusers\n  family: sora\n  id: x\n"))
     msg = only_issue(path)
