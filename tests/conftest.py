@@ -7,6 +7,40 @@ from typing import Any
 
 import pytest
 
+
+# ---- markers ------------------------------------------------------------------------------
+# slow: runs with RUN_SLOW=1. gpu: runs where torch sees CUDA. ffmpeg: runs where an ffmpeg
+# binary exists (on PATH, or the one the imageio-ffmpeg wheel ships).
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import os
+    import shutil
+
+    run_slow = os.environ.get("RUN_SLOW") == "1"
+    has_gpu: bool | None = None
+    has_ffmpeg: bool | None = None
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set RUN_SLOW=1"))
+        if "gpu" in item.keywords:
+            if has_gpu is None:
+                import torch
+
+                has_gpu = torch.cuda.is_available()
+            if not has_gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "ffmpeg" in item.keywords:
+            if has_ffmpeg is None:
+                try:
+                    import imageio_ffmpeg
+
+                    has_ffmpeg = bool(imageio_ffmpeg.get_ffmpeg_exe())
+                except Exception:  # noqa: BLE001 - no wheel binary for this platform
+                    has_ffmpeg = shutil.which("ffmpeg") is not None
+            if not has_ffmpeg:
+                item.add_marker(pytest.mark.skip(reason="needs an ffmpeg binary"))
+
 # ---- S3 (moto) ---------------------------------------------------------------------------
 # Owned by the chunk store (reelfarm/cluster/store.py); helpers live in tests/s3.py.
 # `s3_server` (session): a moto S3 server on 127.0.0.1 with fake AWS credentials in the
