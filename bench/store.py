@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             f"`ChunkStore` on a local disk ({store.root}): chunks of {args.frames} frames of "
             f"{args.width}x{args.height} ({raw_mb:.1f} MB raw RGB), FFV1 in Matroska, "
             f"{args.repeats} runs. *natural*: moving colour gradients plus Gaussian noise "
-            "(sigma 4); *noise*: uniform random pixels, the worst case. *write+commit* is `write_chunk` (encode, sha256, write, "
+            "(sigma 4); *noise*: uniform random pixels, the worst case. "
+            "*write+commit* is `write_chunk` (encode, sha256, write, "
             "size check, COMMIT.json); *read+verify* is `read_frames` (commit, read, size and "
             "sha256 check, decode). frames/s and raw MB/s use the median wall time. CPU time "
             "counts all threads; on a shared machine wall time also measures the neighbours.",

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from reelfarm.errors import FarmError, SpecError
@@ -39,7 +40,7 @@ def _fail(e: FarmError, code: int = 2) -> typer.Exit:
         for issue in e.issues:
             err_console.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
     else:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print("[bold red]error:[/] " + escape(str(e)), highlight=False)
     return typer.Exit(code)
 
 
@@ -140,12 +141,15 @@ def _settings(address: str | None, workers: int | None, chunk_delay: float | Non
         overrides["dashboard_host"] = dashboard_host
         overrides["include_dashboard"] = True
     if storage_options:
+        import yaml
+
         opts = {}
         for item in storage_options:
             k, sep, v = item.partition("=")
             if not sep:
                 raise typer.BadParameter(f"--storage-option takes KEY=VALUE, got {item!r}")
-            opts[k] = v
+            value = yaml.safe_load(v) if v else v  # anon=false -> False, port=9000 -> 9000
+            opts[k] = value if isinstance(value, (bool, int, float)) else v
         overrides["storage_options"] = _nest(opts)
     return Settings(**overrides)
 
@@ -162,11 +166,15 @@ def _nest(flat: dict[str, str]) -> dict:
     return out
 
 
-AddressOpt = Annotated[Optional[str], typer.Option("--address", help="join a Ray cluster: auto, HOST:PORT or ray://...")]
+AddressOpt = Annotated[
+    Optional[str], typer.Option("--address", help="join a Ray cluster: auto, HOST:PORT or ray://...")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="CPU workers when there is no GPU")]
-DelayOpt = Annotated[Optional[float], typer.Option("--chunk-delay", help="seconds each chunk takes at least (demos, drills)")]
-StorageOpt = Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option for OUT, KEY=VALUE (repeat)")]
-DashOpt = Annotated[Optional[str], typer.Option("--dashboard-host", help="start an embedded Ray's dashboard on this host")]
+DelayOpt = Annotated[
+    Optional[float], typer.Option("--chunk-delay", help="seconds each chunk takes at least (demos, drills)")]
+StorageOpt = Annotated[
+    Optional[list[str]], typer.Option("--storage-option", help="fsspec option for OUT, KEY=VALUE (repeat)")]
+DashOpt = Annotated[
+    Optional[str], typer.Option("--dashboard-host", help="start an embedded Ray's dashboard on this host")]
 PrefectOpt = Annotated[bool, typer.Option("--prefect/--no-prefect", help="record the run as a Prefect flow")]
 
 
@@ -195,6 +203,11 @@ def _run(spec_or_film, out: str, settings, use_prefect: bool) -> int:
 
         loaded = _load(spec_or_film)  # bad input: exit 2 before Prefect or Ray start
         flow_fn = render_campaign_flow if isinstance(loaded, LoadedCampaign) else render_film_flow
+        if settings.storage_options:
+            # Credentials must not become flow parameters (Prefect stores those): the flow
+            # reads them from the environment instead.
+            os.environ["REELFARM_STORAGE_OPTIONS"] = json.dumps(settings.storage_options)
+            settings = settings.model_copy(update={"storage_options": {}})
         state = flow_fn(spec_or_film, out, settings, return_state=True)
         try:
             result = state.result(raise_on_failure=True)
@@ -214,7 +227,12 @@ def _run(spec_or_film, out: str, settings, use_prefect: bool) -> int:
         raise typer.BadParameter("campaigns render through Prefect; drop --no-prefect")
     from reelfarm.flows.film import run_summary
 
-    result = render_spec(film, out, settings)
+    try:
+        result = render_spec(film, out, settings)
+    except SpecError as e:
+        raise _fail(e) from None
+    except FarmError as e:
+        raise _fail(e, code=1) from None
     _print_run(run_summary(result))
     return result.exit_code
 

@@ -9,6 +9,7 @@
     │   ├── WorkerLost            the worker process or its node died: retry elsewhere
     │   └── ChunkTimeout          the chunk ran past a multiple of its estimate: retry
     ├── StoreError                a chunk in storage is missing, partial or corrupt
+    │   └── DependencyUnreadable  the chunk a chunk continues from is: render that one again
     └── StitchError               ffmpeg failed or produced a wrong file
 
 Constructors take plain values only, so every error pickles across Ray.
@@ -22,6 +23,7 @@ from typing import ClassVar
 __all__ = [
     "BackendError",
     "ChunkTimeout",
+    "DependencyUnreadable",
     "FarmError",
     "GpuOutOfMemory",
     "Issue",
@@ -103,6 +105,23 @@ class StoreError(FarmError):
     """A chunk in storage is missing, partial or fails its checksum."""
 
     retryable = True
+
+
+class DependencyUnreadable(StoreError):
+    """The chunk this chunk continues from cannot be read back: it must be rendered again.
+
+    Args:
+        message: what went wrong.
+        key: the content key of the unreadable dependency.
+    """
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.key))
 
 
 class StitchError(FarmError):

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests import s3 as _s3
 
 # ---- markers ------------------------------------------------------------------------------
 # slow: runs with RUN_SLOW=1. gpu: runs where torch sees CUDA. ffmpeg: runs where an ffmpeg
@@ -41,12 +42,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if not has_ffmpeg:
                 item.add_marker(pytest.mark.skip(reason="needs an ffmpeg binary"))
 
+
 # ---- S3 (moto) ---------------------------------------------------------------------------
 # Owned by the chunk store (reelfarm/cluster/store.py); helpers live in tests/s3.py.
 # `s3_server` (session): a moto S3 server on 127.0.0.1 with fake AWS credentials in the
 # environment. `s3_bucket` (function): a fresh, empty bucket, removed afterwards.
-
-from tests import s3 as _s3
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from reelfarm.cluster.worker import ChunkWorker, RenderReply, identity_cache_key
 from reelfarm.errors import (
     BackendError,
     ChunkTimeout,
+    DependencyUnreadable,
     FarmError,
     GpuOutOfMemory,
     RenderError,
@@ -121,23 +122,48 @@ class Farm:
         self._node_failures: dict[str, int] = {}
         self._ids = itertools.count()
         self._identity_refs: dict[tuple[str, str], Any] = {}  # (store root, identity key) -> ref
+        self._gpu = False
 
     # --- workers -------------------------------------------------------------------
     def start(self) -> Farm:
         s = self.settings
+        root = str(self.store.root)
+        if root.startswith("memory:"):
+            raise FarmError(f"OUT {root!r}: a memory:// filesystem lives in one process and Ray "
+                            "workers cannot see it; use a folder or an object store (s3://, gs://)")
+        if s.address and "://" not in root:
+            logger.warning("OUT %s is a local path on a joined cluster: it must be a folder every "
+                           "node shares (NFS, a mounted bucket), or chunks land on the workers' disks",
+                           root)
         connect(s.address, num_cpus=None, include_dashboard=s.include_dashboard,
                 dashboard_host=s.dashboard_host)
+        # The kind of worker is decided once: losing GPU nodes never makes a CPU farm.
+        self._gpu = any(n["Resources"].get("GPU") for n in ray.nodes() if n.get("Alive"))
         self._fill_slots()
         if not self.workers:
             raise FarmError("the cluster has no node that can hold a worker (no GPU and no CPU free)")
-        # Wait until the workers are up (each imports torch): a worker that cannot be
-        # placed (its GPU is held by another job) must not hang the run forever.
+        # Wait until the workers are up (each imports torch). A worker that cannot be
+        # placed (its GPU is held by another job) or fails to start is dropped: it must
+        # not hang the run.
         pings = {w.handle.info.remote(): w for w in self.workers}
         ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=s.worker_start_timeout_s)
-        if not ready:
+        up = 0
+        for ref, w in pings.items():
+            try:
+                if ref in ready:
+                    ray.get(ref)
+                    up += 1
+                    continue
+                logger.warning("worker %s did not start within %.0f s: dropped", w.wid,
+                               s.worker_start_timeout_s)
+            except ray.exceptions.RayError as e:
+                logger.warning("worker %s failed to start: %s", w.wid, e)
+            w.alive = False
+            ray.kill(w.handle)
+        if not up:
             self.shutdown()
             raise FarmError(f"no worker started within {s.worker_start_timeout_s:.0f} s: the cluster's "
-                            "GPUs (or CPU slots) are held by other jobs")
+                            "GPUs (or CPU slots) are held by other jobs, or workers cannot import torch")
         return self
 
     def _fill_slots(self) -> None:
@@ -146,7 +172,7 @@ class Farm:
         for w in self.workers:
             if w.alive:
                 have[w.node_id] = have.get(w.node_id, 0) + 1
-        for slot in node_slots(workers=self.settings.workers, exclude=self.blocklist):
+        for slot in node_slots(workers=self.settings.workers, exclude=self.blocklist, gpu=self._gpu):
             want = slot.gpus or slot.cpus
             for _ in range(want - have.get(slot.node_id, 0)):
                 self._spawn(slot.node_id, gpu=bool(slot.gpus))
@@ -192,46 +218,64 @@ class Farm:
 
         Returns ``{(load_key, character): ObjectRef}``. Every ref is put by the driver,
         which owns it (objects put by a worker die with it), and the bundle is also in
-        storage, so a lost object can be read again.
+        storage, so a lost object can be read again. The driver reads each reference
+        image and sends its bytes, so workers on other machines need no access to it.
         """
         needed: dict[tuple[str, str], tuple[Any, str]] = {}
         for shot in plan.shots:
-            for name, sha in zip(shot.characters, shot.character_hashes):
+            for name, sha in zip(shot.characters, shot.character_hashes, strict=True):
                 needed.setdefault((load_key(shot.model), name), (shot.model, sha))
         refs: dict[tuple[str, str], Any] = {}
-        pending: list[tuple[tuple[str, str], str, Any]] = []
-        alive = self._alive()
-        for i, ((lk, name), (model, sha)) in enumerate(sorted(needed.items(), key=lambda kv: kv[0])):
+        jobs: dict[str, tuple[Any, str, str, str]] = {}  # identity key -> (model, lk, name, sha)
+        slots: list[tuple[tuple[str, str], str]] = []
+        root = self.store.root
+        for (lk, name), (model, sha) in sorted(needed.items(), key=lambda kv: kv[0]):
             key = identity_cache_key(model, sha)
-            if (self.store.root, key) in self._identity_refs:  # already shared in this farm
-                refs[(lk, name)] = self._identity_refs[(self.store.root, key)]
+            slots.append(((lk, name), key))
+            if (root, key) in self._identity_refs or key in jobs:  # shared already
                 continue
             data = self.store.get_identity(key)
             if data is not None:
                 self.stats.identity_cache_hits += 1
-                ref = ray.put(IdentityBundle.from_bytes(data))
-                refs[(lk, name)] = self._identity_refs[(self.store.root, key)] = ref
+                self._identity_refs[(root, key)] = ray.put(IdentityBundle.from_bytes(data))
                 continue
-            if any(k == key for _, k, _ in pending):  # same reference bytes, same model
-                pending.append(((lk, name), key, None))
-                continue
+            jobs[key] = (model, lk, name, sha)
+        for i, (key, (model, lk, name, sha)) in enumerate(jobs.items()):
+            self._identity_refs[(root, key)] = ray.put(self._encode(i, key, model, lk, name, sha, plan))
+            self.stats.identity_encodes += 1
+        for slot, key in slots:
+            refs[slot] = self._identity_refs[(root, key)]
+        return refs
+
+    def _encode(self, i: int, key: str, model: Any, lk: str, name: str, sha: str,
+                plan: RenderPlan) -> IdentityBundle:
+        """Encode one identity on a worker; a lost worker hands it to another."""
+        import fsspec
+
+        url = plan.references[name]
+        with fsspec.open(url, "rb", **self.settings.storage_options) as f:
+            image = f.read()
+        for _ in range(self.settings.max_attempts):
+            alive = self._alive()
+            if not alive:
+                raise FarmError(f"no worker left to encode character {name!r}")
             holders = [w for w in alive if w.model == lk] or alive
             w = holders[i % len(holders)]
             if w.model != lk:
                 self.stats.model_loads += 1
                 w.model = lk
-            ref = w.handle.encode_identity.remote(
-                model, name, plan.references[name], sha, key, self.store, self.settings.storage_options)
-            pending.append(((lk, name), key, ref))
-        for slot, key, ref in pending:
-            if ref is None:
-                continue
-            bundle = ray.get(ref)  # errors here (bad reference) stop the run before any chunk
-            self.stats.identity_encodes += 1
-            self._identity_refs[(self.store.root, key)] = ray.put(bundle)
-        for slot, key, _ in pending:
-            refs[slot] = self._identity_refs[(self.store.root, key)]
-        return refs
+            ref = w.handle.encode_identity.remote(model, name, image, sha, key, self.store)
+            try:
+                return ray.get(ref)  # a bad reference raises here, before any chunk starts
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, FarmError):
+                    raise e.cause from None
+                raise
+            except ray.exceptions.RayError as e:
+                logger.warning("worker %s lost while encoding %r: %s", w.wid, name, type(e).__name__)
+                w.alive = False
+                self._fill_slots()
+        raise FarmError(f"character {name!r}: every worker given its identity was lost")
 
     # --- the scheduler -------------------------------------------------------------
     def render(self, plan: RenderPlan, manifest: ManifestWriter, *, force: set[str] | None = None
@@ -254,6 +298,8 @@ class Farm:
             for c in shot.chunks:
                 if c.key not in force and self.store.is_complete(c.key):
                     done.add(c.key)
+                    if manifest.get(c.key).status == "done":
+                        continue  # rendered earlier in this same run (a re-render round)
                     summary.cached.append(c.key)
                     rec = self.store.record(c.key)
                     manifest.update(c.key, status="cached", output_url=rec.url if rec else None,
@@ -370,8 +416,16 @@ class Farm:
             make_ready(task)
 
         def node_failed(node_id: str) -> None:
+            """Count a failure the node caused (a lost worker, a hung chunk).
+
+            Failures the chunk causes (bad input, out of memory, storage) are not counted.
+            The last node that can take work is never blocklisted: that would fail every
+            chunk left, where carrying on may still finish most of them.
+            """
             self._node_failures[node_id] = self._node_failures.get(node_id, 0) + 1
-            if self._node_failures[node_id] >= s.node_failure_limit and node_id not in self.blocklist:
+            others = {w.node_id for w in self._alive()} - {node_id}
+            if (self._node_failures[node_id] >= s.node_failure_limit and node_id not in self.blocklist
+                    and others):
                 logger.warning("node %s failed %d chunks: blocklisted for this run",
                                node_id, self._node_failures[node_id])
                 self.blocklist.add(node_id)
@@ -396,6 +450,26 @@ class Farm:
                 else:
                     task.attempts -= 1
                     make_ready(task)
+
+        chunks_by_key = {c.key: (shot, c) for shot in plan.shots for c in shot.chunks}
+        rerendered: set[str] = set()
+
+        def rerender_dependency(task: _Task, error: DependencyUnreadable) -> None:
+            """The chunk ``task`` continues from is unreadable: render it again, then ``task``."""
+            nonlocal remaining
+            dep = error.key
+            task.attempts -= 1  # not this chunk's fault
+            if dep in rerendered or dep not in chunks_by_key:
+                fail(task, f"{type(error).__name__}: {error}")
+                return
+            logger.warning("%s: rendering its dependency %s again (%s)", task.chunk.name, dep, error)
+            rerendered.add(dep)
+            done.discard(dep)
+            summary.cached = [k for k in summary.cached if k != dep]
+            shot, chunk = chunks_by_key[dep]
+            remaining += 1
+            make_ready(_Task(shot, chunk, chain[dep]))
+            waiting.setdefault(dep, []).append(task)
 
         def check_capacity() -> None:
             self._fill_slots()
@@ -438,15 +512,17 @@ class Farm:
                     cause = e.cause if isinstance(e.cause, BaseException) else e
                     if isinstance(cause, _LOST):
                         self._worker_lost(w, task, lose_worker, retry, node_failed, cause)
-                        continue
-                    err = cause if isinstance(cause, FarmError) else RenderError(str(cause))
-                    if isinstance(err, BackendError) or not err.retryable:
-                        fail(task, f"{type(err).__name__}: {err}")
+                    elif isinstance(cause, DependencyUnreadable):
+                        rerender_dependency(task, cause)
                     else:
-                        node_failed(w.node_id)
-                        retry(task, err, w)
+                        err = cause if isinstance(cause, FarmError) else RenderError(str(cause))
+                        if isinstance(err, BackendError) or not err.retryable:
+                            fail(task, f"{type(err).__name__}: {err}")
+                        else:
+                            retry(task, err, w)  # the chunk's failure, not the node's
                     continue
-                except _LOST as e:
+                except ray.exceptions.RayError as e:
+                    # The worker died, its node went away, or it never started.
                     self._worker_lost(w, task, lose_worker, retry, node_failed, e)
                     continue
                 succeed(task, w, reply)

@@ -61,20 +61,20 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     return info
 
 
-def node_slots(*, workers: int | None = None, exclude: set[str] | frozenset[str] = frozenset()
-               ) -> list[NodeSlots]:
+def node_slots(*, workers: int | None = None, exclude: set[str] | frozenset[str] = frozenset(),
+               gpu: bool | None = None) -> list[NodeSlots]:
     """Alive nodes and how many workers each can hold: one per GPU, else CPU workers.
 
-    With GPUs anywhere in the cluster only GPU workers are made. Without, ``workers``
-    CPU workers are spread over the nodes (default: one per two cores, at least one).
+    With ``gpu`` (default: any GPU in the cluster) only GPU workers are made. Without,
+    ``workers`` CPU workers are spread over the nodes (default: one per two cores of this
+    machine, at least one).
     """
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    # The kind of worker follows the whole cluster: blocklisting every GPU node must not
-    # turn a GPU farm into a CPU one.
-    total_gpus = sum(int(n["Resources"].get("GPU", 0)) for n in alive)
+    if gpu is None:
+        gpu = any(n["Resources"].get("GPU") for n in alive)
     nodes = [n for n in alive if n["NodeID"] not in exclude]
     out = []
-    if total_gpus:
+    if gpu:
         for n in nodes:
             g = int(n["Resources"].get("GPU", 0))
             if g:

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from reelfarm.cluster.store import ChunkRecord, ChunkStore
-from reelfarm.errors import BackendError, FarmError, GpuOutOfMemory, RenderError
+from reelfarm.errors import (
+    BackendError,
+    DependencyUnreadable,
+    FarmError,
+    GpuOutOfMemory,
+    RenderError,
+    StoreError,
+)
 from reelfarm.render.identity import IdentityBundle
 from reelfarm.schemas.film import AnimaticModel, DiffusersModel
 from reelfarm.schemas.plan import ChunkPlan, ShotPlan
@@ -62,12 +69,9 @@ class RenderReply:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _read_reference(url: str, storage_options: dict[str, Any]) -> np.ndarray:
-    import fsspec
+def _decode_reference(data: bytes) -> np.ndarray:
     from PIL import Image
 
-    with fsspec.open(url, "rb", **storage_options) as f:
-        data = f.read()
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGBA") if "A" in im.getbands() else im.convert("RGB"))
 
@@ -136,15 +140,14 @@ class ChunkWorker:
         return True
 
     # --- work --------------------------------------------------------------------
-    def encode_identity(self, model: AnimaticModel | DiffusersModel, character: str, reference_url: str,
-                        sha256: str, key: str, store: ChunkStore, storage_options: dict[str, Any]
-                        ) -> IdentityBundle:
-        """Encode one character's identity, write it to storage, and return it."""
+    def encode_identity(self, model: AnimaticModel | DiffusersModel, character: str, reference: bytes,
+                        sha256: str, key: str, store: ChunkStore) -> IdentityBundle:
+        """Encode one character's identity from its reference's bytes, store it, return it."""
         self._ensure(model)
         try:
-            image = _read_reference(reference_url, storage_options)
-        except Exception as e:  # noqa: BLE001 - any read/decode failure is the reference's fault
-            raise BackendError(f"character {character!r}: cannot read reference {reference_url}: {e}") from None
+            image = _decode_reference(reference)
+        except Exception as e:  # noqa: BLE001 - any decode failure is the reference's fault
+            raise BackendError(f"character {character!r}: reference is not a readable image: {e}") from None
         bundle = self._backend.encode_identity(character, image, sha256)
         store.put_identity(key, bundle.to_bytes())
         self.identity_encodes += 1
@@ -160,10 +163,16 @@ class ChunkWorker:
             self._backend.low_memory()
             self._low_memory = True
         t1 = time.perf_counter()
-        condition = self._condition(shot, chunk, store)
+        try:
+            condition = self._condition(shot, chunk, store)
+        except StoreError as e:
+            # The chunk this one continues from went missing or corrupt: the farm renders
+            # that one again, then this one.
+            raise DependencyUnreadable(f"{chunk.name}: cannot continue from {chunk.depends_on}: {e}",
+                                       str(chunk.depends_on)) from None
         t2 = time.perf_counter()
         try:
-            out = self._backend(shot, chunk, dict(zip(names, identities)), condition)
+            out = self._backend(shot, chunk, dict(zip(names, identities, strict=True)), condition)
         except FarmError:
             raise
         except Exception as e:  # noqa: BLE001 - classify, keep the message, pickle-safe

@@ -10,6 +10,7 @@ Resume never depends on Prefect's result cache: storage (content keys) decides w
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -57,7 +58,7 @@ def plan_task(film: Film) -> RenderPlan:
     return plan_film(film)
 
 
-@task(name="render-and-stitch", cache_policy=NO_CACHE)
+@task(name="render-and-stitch", cache_policy=NO_CACHE, retries=1, retry_condition_fn=is_retryable)
 def render_task(plan: RenderPlan, farm: Farm, store: ChunkStore, out_url: str, run_id: str,
                 formats: tuple[str, ...], crf: int, prefix: str) -> RunResult:
     return render_plan(plan, farm, store, out_url=out_url, run_id=run_id, formats=formats, crf=crf,
@@ -84,10 +85,24 @@ def run_summary(result: RunResult) -> dict[str, Any]:
     }
 
 
+def _artifact_key(name: str) -> str:
+    """Prefect artifact keys take lower-case letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "shots"
+
+
+def _settings(settings: Settings | None) -> Settings:
+    """Flow settings. Storage options (credentials) never travel as flow parameters,
+    which Prefect stores in its database: they are read here, from REELFARM_* variables."""
+    settings = settings or Settings()
+    if not settings.storage_options:
+        settings = settings.model_copy(update={"storage_options": Settings().storage_options})
+    return settings
+
+
 def _publish(result: RunResult, name: str) -> None:
     try:
         create_table_artifact(
-            key=name, table=result.shot_report(),
+            key=_artifact_key(name), table=result.shot_report(),
             description=f"reelfarm run {result.run_id}: per-shot status ({result.out_url})")
     except Exception as e:  # noqa: BLE001 - a report must never fail a finished render
         logger.warning("could not publish the shot table: %s", e)
@@ -111,7 +126,7 @@ def _run_film(film: Film, out_url: str, settings: Settings, farm: Farm | None, s
 def render_film_flow(spec: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
     """Render a film spec into OUT. Fails (after keeping everything) if any shot failed."""
     log = get_run_logger()
-    settings = settings or Settings()
+    settings = _settings(settings)
     film = validate_film(spec, settings.storage_options)
     store = ChunkStore(out, storage_options=settings.storage_options)
     result = _run_film(film, out, settings, None, store)
@@ -130,7 +145,7 @@ def render_film_flow(spec: str, out: str, settings: Settings | None = None) -> d
 def render_campaign_flow(spec: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
     """Render every cell of a campaign into ``OUT/<cell>/``, chunks shared under ``OUT/chunks``."""
     log = get_run_logger()
-    settings = settings or Settings()
+    settings = _settings(settings)
     loaded = validate_campaign(spec, settings.storage_options)
     store = ChunkStore(out, storage_options=settings.storage_options)
     cells: dict[str, Any] = {}
@@ -141,7 +156,7 @@ def render_campaign_flow(spec: str, out: str, settings: Settings | None = None) 
             cell_store = ChunkStore(cell_url, storage_options=settings.storage_options)
             result = _run_film(cell.film, cell_url, settings, farm, store, prefix=cell.cell_id,
                                out_store=cell_store)
-            _publish(result, "shots-" + cell.cell_id.replace("/", "-").lower())
+            _publish(result, "shots-" + cell.cell_id)
             cells[cell.cell_id] = run_summary(result)
             if not result.summary.ok:
                 failed.append(cell.cell_id)

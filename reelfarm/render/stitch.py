@@ -422,7 +422,7 @@ _AUDIO_MAGIC: list[tuple[Callable[[bytes], bool], str]] = [
 ]
 
 
-def _stage_audio(url: str, workdir: str) -> tuple[str, str]:
+def _stage_audio(url: str, workdir: str, storage_options: dict | None = None) -> tuple[str, str]:
     """Copy the soundtrack into the work folder and name its demuxer from its magic bytes.
 
     The demuxer is then forced with ``-f``, so a playlist or concat script posing as audio
@@ -431,7 +431,7 @@ def _stage_audio(url: str, workdir: str) -> tuple[str, str]:
     local = os.path.join(workdir, "audio", "soundtrack")
     os.makedirs(os.path.dirname(local), exist_ok=True)
     try:
-        with fsspec.open(url, "rb") as src, open(local, "wb") as dst:
+        with fsspec.open(url, "rb", **(storage_options or {})) as src, open(local, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     except Exception as exc:
         raise StitchError(f"cannot read `audio` {url!r}: {type(exc).__name__}: {exc}") from None
@@ -503,6 +503,7 @@ def stitch_film(
     manifest: pa.Table | None = None,
     workdir: str | None = None,
     crf: int = 18,
+    storage_options: dict | None = None,
 ) -> StitchResult:
     """Stitch a rendered plan into every deliverable under ``out_url``.
 
@@ -519,6 +520,7 @@ def stitch_film(
         manifest: the run's manifest (for the report's actual GPU-seconds, retries, workers).
         workdir: a local folder for the intermediate files (kept); default a temp folder.
         crf: x264/VP9 quality, the film's ``output.crf`` (ProRes ignores it).
+        storage_options: fsspec options for ``out_url`` and the audio (default: the store's).
 
     Raises:
         StoreError: a chunk is missing or corrupt (the message names its key).
@@ -527,6 +529,8 @@ def stitch_film(
     """
     from reelfarm.render import review, timeline
 
+    if storage_options is None:
+        storage_options = dict(getattr(store, "storage_options", None) or {})
     # 1. Check inputs before any work: ids, formats, frame totals, transitions, chunks present.
     formats = tuple(formats)
     for fmt in formats:
@@ -570,7 +574,7 @@ def stitch_film(
     try:
         for sub in ("shots", "scenes", *(f"pieces/{f}" for f in formats if f != "mp4")):
             os.makedirs(os.path.join(work, sub), exist_ok=True)
-        audio_src = _stage_audio(plan.audio, work) if plan.audio else None
+        audio_src = _stage_audio(plan.audio, work, storage_options) if plan.audio else None
 
         # 2. Shots, one at a time: blend, encode the clip (+ pieces for other formats).
         thumbs: list[tuple[str, np.ndarray]] = []
@@ -637,7 +641,7 @@ def stitch_film(
                 *(f"scenes/{sc}.mp4" for sc, _ in _scenes(plan)),
                 *("final" + FORMATS[f].ext for f in formats),
                 "timeline.otio", "contact_sheet.png", "report.html"]
-        fs, root = fsspec.core.url_to_fs(out_url)
+        fs, root = fsspec.core.url_to_fs(out_url, **storage_options)
         root = root.rstrip("/")
         for rel in rels:
             target = f"{root}/{_rel_ok(rel)}"
@@ -650,3 +654,27 @@ def stitch_film(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def stitch_shots(plan: RenderPlan, store: ChunkStore, out_url: str, shot_ids: Iterable[str], *,
+                 crf: int = 18, storage_options: dict | None = None) -> dict[str, str]:
+    """Encode only some shots' clips (``shots/<shot>.mp4``), e.g. the good shots of a run
+    in which another shot failed, so editors get what rendered. Returns path -> URL."""
+    if storage_options is None:
+        storage_options = dict(getattr(store, "storage_options", None) or {})
+    wanted = set(shot_ids)
+    fs, root = fsspec.core.url_to_fs(out_url, **storage_options)
+    root = root.rstrip("/")
+    outputs: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="reelfarm-shots-") as work:
+        for shot in plan.shots:
+            if shot.shot_id not in wanted:
+                continue
+            rel = _rel_ok(f"shots/{_safe_id(shot.shot_id, 'shot_id')}.mp4")
+            local = os.path.join(work, f"{shot.shot_id}.mp4")
+            chunks = _check_layout(shot)
+            encode_shot(shot, (_read_chunk(store, c) for c in chunks), [(local, "mp4")], crf=crf)
+            fs.makedirs(f"{root}/shots", exist_ok=True)
+            fs.put_file(local, f"{root}/{rel}")
+            outputs[rel] = out_url.rstrip("/") + "/" + rel
+    return outputs

@@ -28,8 +28,9 @@ class Schedule(_Strict):
     @field_validator("cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        from cronsim import CronSim, CronSimError
         from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
 
         try:
             CronSim(v, datetime(2026, 1, 1))

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ValidationError
 
 from reelfarm.errors import Issue, SpecError
 from reelfarm.schemas.campaign import Campaign, CampaignCell
-from reelfarm.schemas.families import family_for
 from reelfarm.schemas.film import SPEC_VERSION, Film
 from reelfarm.schemas.source import Source, parse_document
 

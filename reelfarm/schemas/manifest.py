@@ -15,7 +15,15 @@ from pydantic import BaseModel, ConfigDict
 
 from reelfarm.schemas.plan import RenderPlan
 
-__all__ = ["MANIFEST_SCHEMA", "MANIFEST_VERSION", "ChunkStatus", "ManifestRow", "plan_rows", "rows_to_table", "table_to_rows"]
+__all__ = [
+    "MANIFEST_SCHEMA",
+    "MANIFEST_VERSION",
+    "ChunkStatus",
+    "ManifestRow",
+    "plan_rows",
+    "rows_to_table",
+    "table_to_rows",
+]
 
 MANIFEST_VERSION = 1
 ChunkStatus = Literal["planned", "running", "done", "cached", "failed"]

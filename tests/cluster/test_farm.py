@@ -14,7 +14,6 @@ from reelfarm.flows.plan import plan_film
 from reelfarm.flows.render import new_run_id
 from reelfarm.schemas.loader import load_film
 from reelfarm.settings import Settings
-
 from tests.films import write_film
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -140,3 +139,24 @@ def test_corrupt_chunk_found_by_stitching_is_rendered_again(farm, tmp_path):
     assert again.summary.rendered == [victim.key]  # named by key, rendered again, not skipped
     assert probe(str(out / "final.mp4")).frames == again.plan.frames
     assert ChunkStore(str(out)).is_complete(victim.key, verify=True)
+
+
+def test_unreadable_dependency_is_rendered_again_before_its_dependent(farm, tmp_path):
+    model = {"backend": "animatic", "chunk_frames": 16, "overlap": 4, "continuation": "previous"}
+    spec = write_film(tmp_path / "spec", model=model)
+    plan, store, first = _render(farm, spec, tmp_path / "out")
+    assert first.ok
+    c0, c1 = plan.shot("s01_010").chunks[:2]
+    assert c1.depends_on == c0.key
+    # Corrupt the first chunk (same size, wrong bytes) and drop the second's commit.
+    rec = store.record(c0.key)
+    frames = Path(rec.url) / rec.attempt / "frames.mkv"
+    data = bytearray(frames.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    frames.write_bytes(bytes(data))
+    (Path(store.chunk_url(c1.key)) / "COMMIT.json").unlink()
+
+    _, _, second = _render(farm, spec, tmp_path / "out")
+    assert second.ok, second.failed
+    assert sorted(second.rendered) == sorted([c0.key, c1.key])
+    assert store.is_complete(c0.key, verify=True) and store.is_complete(c1.key, verify=True)

@@ -67,6 +67,7 @@ def test_film_flow_fails_but_keeps_what_rendered(tmp_path):
     store = ChunkStore(str(out))
     assert all(store.is_complete(c.key) for c in plan.shot("s01_010").chunks)
     assert not (out / "final.mp4").exists()
+    assert probe(str(out / "shots" / "s01_010.mp4")).frames == 20
 
 
 def test_campaign_flow_renders_every_cell_and_shares_chunks(tmp_path):

@@ -26,7 +26,6 @@ from reelfarm.render.stitch import (
     stitch_film,
 )
 
-
 FPS = Fraction(24)
 
 

@@ -13,7 +13,6 @@ import pytest
 
 from reelfarm.render.timeline import build_timeline, write_timeline
 
-
 OTIOTOOL = os.path.join(os.path.dirname(sys.executable), "otiotool")
 SEAMS = {"a": [1.0, 3.5], "b": [0.9, 1.1], "c": [1.2]}
 

@@ -188,7 +188,7 @@ def test_table_to_rows_refuses_other_columns(rows):
 
 def _none_if_missing(value: object) -> object:
     """pandas shows missing values as NaN/NaT; the rows use None."""
-    if value is None or value is getattr(__import__("pandas"), "NaT"):
+    if value is None or value is __import__("pandas").NaT:
         return None
     if isinstance(value, float) and math.isnan(value):
         return None
