@@ -24,6 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:  # `python -m bench` / `python -m bench.NAME`, or `python bench/NAME.py`
+    from bench._machine import cpu_name
+except ImportError:  # pragma: no cover
+    from _machine import cpu_name  # type: ignore[no-redef]
 from reelfarm.render.animatic import AnimaticBackend
 from reelfarm.schemas.film import AnimaticModel, Camera, Transition
 from reelfarm.schemas.plan import ChunkPlan, ShotPlan
@@ -31,17 +35,6 @@ from reelfarm.schemas.plan import ChunkPlan, ShotPlan
 ROOT = Path(__file__).resolve().parent.parent
 REFS = ROOT / "examples" / "lonely_flame" / "refs"
 MOVES = ["static", "pan_left", "pan_right", "tilt_up", "tilt_down", "push_in", "pull_out", "orbit"]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_shot(move: str, width: int, height: int, frames: int) -> ShotPlan:

@@ -30,22 +30,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+try:  # `python -m bench` / `python -m bench.NAME`, or `python bench/NAME.py`
+    from bench._machine import cpu_name
+except ImportError:  # pragma: no cover
+    from _machine import cpu_name  # type: ignore[no-redef]
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # tests/render/tiny_pipelines.py builds the pipelines
     sys.path.insert(0, str(ROOT))
 
 MODES = ("stock", "precomputed", "repeat")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def render_chain(backend: Any, shot: Any, ids: dict[str, Any]) -> list[tuple[float, float, Any]]:

@@ -23,6 +23,10 @@ from typing import Any, Callable
 
 import pydantic
 
+try:  # `python -m bench` / `python -m bench.NAME`, or `python bench/NAME.py`
+    from bench._machine import cpu_name
+except ImportError:  # pragma: no cover
+    from _machine import cpu_name  # type: ignore[no-redef]
 from reelfarm.flows.plan import plan_campaign, plan_film
 from reelfarm.schemas import CampaignCell, Film
 
@@ -112,17 +116,6 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], list[float]
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return walls, cpus, result
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,10 @@ from fractions import Fraction
 
 import numpy as np
 
+try:  # `python -m bench` / `python -m bench.NAME`, or `python bench/NAME.py`
+    from bench._machine import cpu_name
+except ImportError:  # pragma: no cover
+    from _machine import cpu_name  # type: ignore[no-redef]
 from reelfarm.render import ffmpeg as ff
 from reelfarm.render.stitch import Piece, join_pieces
 
@@ -33,17 +37,6 @@ def shot_frames(index: int, frames: int, width: int, height: int) -> np.ndarray:
                      255 * (x + y) / 2 + 0 * x], axis=-1)
     base = np.clip(base, 0, 255).astype(np.uint8)
     return np.stack([np.roll(base, t * 2, axis=1) for t in range(frames)])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def ffmpeg_version() -> str:

@@ -155,9 +155,15 @@ class FamilyRunner:
             return self.sample_precomputed(job, generator)
         return self.sample_stock(job, generator)
 
+    def _common(self, job: SampleJob, generator: torch.Generator) -> dict[str, Any]:
+        """The family's call arguments shared by the stock and precomputed paths."""
+        raise NotImplementedError
+
     def sample_stock(self, job: SampleJob, generator: torch.Generator) -> Any:
         """The pipeline's own call: it encodes prompt and image itself."""
-        raise NotImplementedError
+        out = self.pipe(image=job.image, prompt=job.prompt, negative_prompt=job.negative_prompt,
+                        **self._common(job, generator))  # fmt: skip
+        return out.frames
 
     def sample_precomputed(self, job: SampleJob, generator: torch.Generator) -> Any:
         """The same call fed with memoised conditioning: identical frames, less work."""

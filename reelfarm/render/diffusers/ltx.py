@@ -82,11 +82,6 @@ class LTXRunner(FamilyRunner):
             max_sequence_length=self.model.max_sequence_length,
         )  # fmt: skip
 
-    def sample_stock(self, job: SampleJob, generator: torch.Generator) -> Any:
-        out = self.pipe(image=job.image, prompt=job.prompt, negative_prompt=job.negative_prompt,
-                        **self._common(job, generator))  # fmt: skip
-        return out.frames
-
     def sample_precomputed(self, job: SampleJob, generator: torch.Generator) -> Any:
         pipe, device = self.pipe, self.execution_device
         cfg = job.guidance_scale > 1.0

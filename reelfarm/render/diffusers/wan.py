@@ -149,11 +149,6 @@ class WanRunner(FamilyRunner):
             generator=generator, output_type="latent", max_sequence_length=WAN_TEXT_TOKENS,
         )  # fmt: skip
 
-    def sample_stock(self, job: SampleJob, generator: torch.Generator) -> Any:
-        out = self.pipe(image=job.image, prompt=job.prompt, negative_prompt=job.negative_prompt,
-                        **self._common(job, generator))  # fmt: skip
-        return out.frames
-
     def sample_precomputed(self, job: SampleJob, generator: torch.Generator) -> Any:
         pipe, device = self.pipe, self.execution_device
         cfg = job.guidance_scale > 1.0
