@@ -23,6 +23,7 @@ class Settings(BaseSettings):
         node_failure_limit: failed chunks after which a node is blocklisted for the run.
         timeout_factor: a chunk running past this multiple of its estimate is cancelled...
         timeout_floor_s: ...but never before this many seconds (estimates are H100 figures).
+        load_timeout_s: extra time a chunk gets when its worker must load the model first.
         queue_depth: chunks queued on each worker, the running one included.
         worker_start_timeout_s: how long to wait for the first workers to come up.
         manifest_flush_s: how often the manifest is rewritten while chunks finish.
@@ -41,6 +42,7 @@ class Settings(BaseSettings):
     node_failure_limit: int = Field(3, ge=1)
     timeout_factor: float = Field(10.0, gt=1.0)
     timeout_floor_s: float = Field(600.0, gt=0.0)
+    load_timeout_s: float = Field(1800.0, ge=0.0)
     queue_depth: int = Field(2, ge=1, le=16)
     worker_start_timeout_s: float = Field(600.0, gt=0.0)
     manifest_flush_s: float = Field(2.0, ge=0.0)

@@ -92,6 +92,7 @@ class _Worker:
     model: str | None = None  # load key of the last model asked for
     queue: deque = field(default_factory=deque)  # (ref, task), head is running
     head_since: float = 0.0
+    started: bool = False  # has been given a chunk (the first one also waits for the model load)
     alive: bool = True
 
 
@@ -103,6 +104,7 @@ class _Task:
     attempts: int = 0
     low_memory: bool = False
     avoid: str | None = None  # worker that last failed it
+    loads: bool = False  # its worker must load the model first: the deadline allows for it
 
 
 class Farm:
@@ -392,7 +394,9 @@ class Farm:
         def submit(w: _Worker, task: _Task) -> None:
             task.attempts += 1
             lk = load_key(task.shot.model)
+            task.loads = w.model != lk or not w.started
             w.model = lk
+            w.started = True
             names = list(task.shot.characters)
             refs = [identities[(lk, n)] for n in names]
             ref = w.handle.render.remote(task.shot, task.chunk, self.store, names, *refs,
@@ -532,6 +536,8 @@ class Farm:
                     continue
                 _, task = w.queue[0]
                 limit = max(s.timeout_floor_s, s.timeout_factor * task.chunk.est_gpu_s)
+                if task.loads:  # loading a model (and starting a worker) is not rendering
+                    limit += s.load_timeout_s
                 if now - w.head_since > limit:
                     logger.warning("%s ran %.0f s (limit %.0f s) on %s: cancelled",
                                    task.chunk.name, now - w.head_since, limit, w.wid)

@@ -129,7 +129,7 @@ def test_chunk_past_its_deadline_is_cancelled_and_nodes_blocklisted(ray_cluster,
         {"id": "s01_010", "frames": 10, "prompt": "one slow chunk", "characters": []}])
     plan = plan_film(load_film(spec))
     store = ChunkStore(str(tmp_path / "out"))
-    settings = Settings(chunk_delay_s=30.0, timeout_floor_s=1.0, timeout_factor=2.0,
+    settings = Settings(chunk_delay_s=30.0, timeout_floor_s=1.0, timeout_factor=2.0, load_timeout_s=0.0,
                         node_failure_limit=1, max_attempts=3, manifest_flush_s=0.0)
     with Farm(store, settings) as farm:
         farm.worker_info()  # workers up before the clock starts
