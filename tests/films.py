@@ -60,3 +60,11 @@ def write_film(folder: Path, *, shots: list[dict[str, Any]] | None = None,
     path = folder / name
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def empty_model_folder(folder: Path) -> Path:
+    """A model folder that exists (so the spec is valid) but holds no model: the worker's
+    load fails, so only the shots that use it fail."""
+    path = folder / "empty-model"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

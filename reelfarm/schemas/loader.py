@@ -319,6 +319,15 @@ def _check_film(film: Film, src: Source, storage_options: dict[str, Any] | None,
                                                 f"{t.kind} of {t.seconds} s ({t_frames} frames) is longer "
                                                 f"than this shot ({frames} frames)"))
             prev = (shot, frames)
+    # Diffusers models given as a folder or URL must be there (hub ids are checked by the
+    # worker that loads them: the driver may have no hub access).
+    models = [(("model", "id"), film.model)] + [
+        (("scenes", si, "shots", ti, "model", "id"), shot.model)
+        for si, scene in enumerate(film.scenes) for ti, shot in enumerate(scene.shots) if shot.model]
+    for path, model in models:
+        why = _missing_model(model, storage_options) if model.backend == "diffusers" else None
+        if why:
+            issues.append(src.issue(path, why))
     # References: each character's image must exist and be an image; hash it.
     characters = dict(film.characters)
     if hash_references and not issues:
@@ -342,6 +351,21 @@ def _check_film(film: Film, src: Source, storage_options: dict[str, Any] | None,
     if issues:
         raise SpecError(_sorted(issues))
     return film.model_copy(update={"characters": characters})
+
+
+def _missing_model(model: Any, storage_options: dict[str, Any] | None) -> str | None:
+    """Why a diffusers model given as a local folder or fsspec URL cannot be found, or None."""
+    mid = model.id
+    if os.path.isabs(mid):
+        return None if os.path.isdir(mid) else f"{model.family} model folder not found: {mid}"
+    if _has_scheme(mid) and not mid.startswith(("http://", "https://")):
+        try:
+            fs, path = fsspec.core.url_to_fs(mid, **(storage_options or {}))
+            found = fs.exists(path)
+        except (OSError, ValueError, ImportError) as e:
+            return f"{model.family} model {mid} is not reachable: {e}"
+        return None if found else f"{model.family} model not found: {mid}"
+    return None
 
 
 def _transition_frames(seconds: float, film: Film) -> int:

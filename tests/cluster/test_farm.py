@@ -14,6 +14,7 @@ from reelfarm.flows.plan import plan_film
 from reelfarm.flows.render import new_run_id
 from reelfarm.schemas.loader import load_film
 from reelfarm.settings import Settings
+from tests.films import empty_model_folder as _empty_model
 from tests.films import write_film
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -91,12 +92,12 @@ def test_failed_shot_does_not_stop_the_others(farm, tmp_path):
     shots = [
         {"id": "s01_010", "frames": 30, "prompt": "fine", "characters": ["flame"]},
         {"id": "s01_020", "frames": 20, "prompt": "broken model", "characters": [],
-         "model": {"backend": "diffusers", "family": "wan", "id": str(tmp_path / "no-such-model")}},
+         "model": {"backend": "diffusers", "family": "wan", "id": str(_empty_model(tmp_path))}},
     ]
     spec = write_film(tmp_path / "spec", shots=shots, resolution=[64, 48])
     plan, store, summary = _render(farm, spec, tmp_path / "out")
     assert set(summary.failed_shots) == {"s01_020"}
-    assert "no-such-model" in summary.failed_shots["s01_020"]
+    assert "model_index.json" in summary.failed_shots["s01_020"]
     good = {c.key for c in plan.shot("s01_010").chunks}
     assert good <= set(summary.rendered) and all(store.is_complete(k) for k in good)
     rows = {r["shot_id"]: r for r in read_manifest(store).to_pylist()}

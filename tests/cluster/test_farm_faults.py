@@ -17,6 +17,7 @@ from reelfarm.cluster.store import ChunkStore
 from reelfarm.flows.plan import plan_film
 from reelfarm.schemas.loader import load_film
 from reelfarm.settings import Settings
+from tests.films import empty_model_folder as _empty_model
 from tests.films import write_film
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -148,7 +149,7 @@ def test_cli_render_with_a_failed_shot_exits_1_and_keeps_the_rest(ray_cluster, t
     shots = [
         {"id": "s01_010", "frames": 20, "prompt": "fine", "characters": ["flame"]},
         {"id": "s01_020", "frames": 20, "prompt": "broken", "characters": [],
-         "model": {"backend": "diffusers", "family": "wan", "id": str(tmp_path / "missing")}},
+         "model": {"backend": "diffusers", "family": "wan", "id": str(_empty_model(tmp_path))}},
     ]
     spec = write_film(tmp_path / "spec", shots=shots, resolution=[64, 48])
     out = tmp_path / "out"
@@ -156,7 +157,7 @@ def test_cli_render_with_a_failed_shot_exits_1_and_keeps_the_rest(ray_cluster, t
                            "--address", ray_cluster.address, "--no-prefect"],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "shot s01_020 failed" in proc.stderr and "missing" in proc.stderr
+    assert "shot s01_020 failed" in proc.stderr and "model_index.json" in proc.stderr
     plan = plan_film(load_film(spec))
     store = ChunkStore(str(out))
     assert all(store.is_complete(c.key) for c in plan.shot("s01_010").chunks)

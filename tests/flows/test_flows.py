@@ -15,6 +15,7 @@ from reelfarm.flows.plan import plan_film
 from reelfarm.render.ffmpeg import probe
 from reelfarm.schemas.loader import load_film
 from reelfarm.settings import Settings
+from tests.films import empty_model_folder as _empty_model
 from tests.films import write_film
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster", "prefect_api"), pytest.mark.ffmpeg]
@@ -56,7 +57,7 @@ def test_film_flow_fails_but_keeps_what_rendered(tmp_path):
     shots = [
         {"id": "s01_010", "frames": 20, "prompt": "fine", "characters": ["flame"]},
         {"id": "s01_020", "frames": 20, "prompt": "broken", "characters": [],
-         "model": {"backend": "diffusers", "family": "wan", "id": str(tmp_path / "missing")}},
+         "model": {"backend": "diffusers", "family": "wan", "id": str(_empty_model(tmp_path))}},
     ]
     spec = write_film(tmp_path / "spec", shots=shots, resolution=[64, 48])
     out = tmp_path / "out"

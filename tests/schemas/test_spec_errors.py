@@ -633,3 +633,13 @@ def test_issue_without_a_line_or_path():
     assert str(Issue("f.yaml", None, "", "boom")) == "f.yaml: boom"
     assert str(Issue("f.yaml", 3, "a.b", "boom")) == "f.yaml:3 a.b: boom"
     assert textwrap.dedent(FILM).count("\n") == 21
+
+
+def test_a_diffusers_model_folder_that_is_not_there(write_spec, tmp_path):
+    gone = tmp_path / "models" / "wan-tiny"
+    path = write_spec(with_model(f"  backend: diffusers\n  family: wan\n  id: {gone}\n"))
+    assert only_issue(path) == f"{path}:6 model.id: wan model folder not found: {gone}"
+    gone.mkdir(parents=True)
+    load_film(path)  # a folder that exists passes; what is in it is the worker's to check
+    hub = write_spec(with_model("  backend: diffusers\n  family: wan\n  id: Wan-AI/Wan2.1-I2V-14B-480P-Diffusers\n"))
+    load_film(hub)  # a hub id is not looked up by the driver
