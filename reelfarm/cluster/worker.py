@@ -48,12 +48,13 @@ def load_key(model: AnimaticModel | DiffusersModel) -> str:
 
 
 def identity_cache_key(model: AnimaticModel | DiffusersModel, reference_sha256: str) -> str:
-    """Content hash of a character's identity for a model: what is cached in storage."""
-    from reelfarm.render.identity import identity_key
+    """Where a character's identity for ``model`` is cached: ``identities/<key>.safetensors``.
 
-    doc = {} if isinstance(model, AnimaticModel) else {
-        k: getattr(model, k) for k in ("family", "id", "revision", "dtype")}
-    return identity_key(character_sha256=reference_sha256, backend=model.backend, model=doc)[:32]
+    The same key the backend gives the bundle (shortened), from the same function.
+    """
+    from reelfarm.render.identity import model_identity_key
+
+    return model_identity_key(model, reference_sha256)[:32]
 
 
 @dataclass

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from reelfarm.errors import BackendError
 from reelfarm.render.base import ChunkOutput, Condition
-from reelfarm.render.identity import IdentityBundle, identity_key
+from reelfarm.render.identity import REFERENCE_MAX_SIDE, IdentityBundle, model_identity_key
 
 # ANIMATIC_VERSION (bump when the drawing changes) lives with the family rules: it is part
 # of every animatic chunk key and identity key, so cached frames of an older drawing are
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ANIMATIC_VERSION", "AnimaticBackend", "keyframe", "reference_rgba"]
 
-MAX_REFERENCE_SIDE = 512
+MAX_REFERENCE_SIDE = REFERENCE_MAX_SIDE
 
 # Staging, as fractions of the frame height (H) or width (W).
 _HORIZON = 0.62  # horizon line, H
@@ -700,11 +700,7 @@ class AnimaticBackend:
             rgba = reference_rgba(reference)
         except BackendError as exc:
             raise BackendError(f"character {character!r}: {exc}") from None
-        key = identity_key(
-            character_sha256=sha256,
-            backend=self.name,
-            model={"version": ANIMATIC_VERSION, "max_side": MAX_REFERENCE_SIDE},
-        )
+        key = model_identity_key(self.model, sha256)
         return IdentityBundle(
             character=character,
             key=key,

@@ -402,10 +402,13 @@ def run_ffmpeg(
         if frames is not None:
             assert proc.stdin is not None
             try:
-                for block in frames:
-                    proc.stdin.write(np.ascontiguousarray(block, dtype=np.uint8).data)
-            except (BrokenPipeError, ValueError, OSError):
-                broken = True  # ffmpeg exited early; its stderr says why
+                for block in frames:  # errors making the frames are raised as they are
+                    data = np.ascontiguousarray(block, dtype=np.uint8).data
+                    try:
+                        proc.stdin.write(data)
+                    except (BrokenPipeError, ValueError, OSError):
+                        broken = True  # ffmpeg exited early; its stderr says why
+                        break
             finally:
                 try:
                     proc.stdin.close()

@@ -11,13 +11,31 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IdentityBundle", "identity_key"]
+__all__ = ["REFERENCE_MAX_SIDE", "IdentityBundle", "identity_key", "model_identity_key"]
+
+# References are resized to fit this many pixels before anything encodes them.
+REFERENCE_MAX_SIDE = 512
 
 
 def identity_key(*, character_sha256: str, backend: str, model: dict[str, Any]) -> str:
     """Content hash of an identity: the reference bytes and what encodes them."""
     doc = {"ref": character_sha256, "backend": backend, "model": model}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def model_identity_key(model: Any, reference_sha256: str) -> str:
+    """The identity key of a character's reference for ``model`` (an AnimaticModel or
+    DiffusersModel): the one function the backends and the farm's cache both use.
+
+    Every bundle holds the reference cut-out, so the cut-out's drawing version and size
+    are part of every key; a diffusers bundle also depends on the model that encodes it.
+    """
+    from reelfarm.schemas.families import ANIMATIC_VERSION
+
+    doc: dict[str, Any] = {"cutout": ANIMATIC_VERSION, "max_side": REFERENCE_MAX_SIDE}
+    if model.backend != "animatic":
+        doc.update({k: getattr(model, k) for k in ("family", "id", "revision", "dtype")})
+    return identity_key(character_sha256=reference_sha256, backend=model.backend, model=doc)
 
 
 @dataclass

@@ -92,7 +92,8 @@ def _check_layout(shot: ShotPlan) -> list[ChunkPlan]:
         if cur.frame_start - prev.frame_start < max(1, head):
             raise PlanError(f"chunk `{cur.name}` overlaps more than one earlier chunk")
     for c in chunks:
-        if c.frame_end <= c.frame_start or c.num_frames < c.frame_end - c.frame_start:
+        if (c.frame_end <= c.frame_start or c.num_frames < c.frame_end - c.frame_start
+                or c.frame_end - c.frame_start < c.overlap):
             raise PlanError(f"chunk `{c.name}`: bad range [{c.frame_start}, {c.frame_end}) "
                             f"for `num_frames` {c.num_frames}")
     if chunks[-1].frame_end != shot.frames:

@@ -263,6 +263,7 @@ def _check_film(film: Film, src: Source, storage_options: dict[str, Any] | None,
     seen_scenes: dict[str, int] = {}
     seen_shots: dict[str, tuple[int, int]] = {}
     prev = None  # (shot, frames) of the previous shot in film order
+    order: list[tuple[tuple[Any, ...], Any, int, int]] = []  # (path, shot, frames, transition in)
     used: set[str] = set()
     w, h = film.resolution
     fam = film.model.rule()
@@ -302,8 +303,13 @@ def _check_film(film: Film, src: Source, storage_options: dict[str, Any] | None,
                                             f"{rule.name} needs width and height divisible by "
                                             f"{rule.size_multiple}, got {w}x{h}"))
             t = shot.transition
-            if t.kind != "cut":
-                t_frames = _transition_frames(t.seconds, film)
+            t_frames = 0 if t.kind == "cut" else _transition_frames(t.seconds, film)
+            order.append((here, shot, frames, t_frames))
+            if t.kind != "cut" and t_frames < 1:
+                issues.append(src.issue((*here, "transition"),
+                                        f"{t.kind} of {t.seconds} s is shorter than one frame at "
+                                        f"{film.fps} fps"))
+            elif t.kind != "cut":
                 if prev is None:
                     issues.append(src.issue((*here, "transition"),
                                             f"the film's first shot cannot begin with a {t.kind}: "
@@ -319,6 +325,12 @@ def _check_film(film: Film, src: Source, storage_options: dict[str, Any] | None,
                                                 f"{t.kind} of {t.seconds} s ({t_frames} frames) is longer "
                                                 f"than this shot ({frames} frames)"))
             prev = (shot, frames)
+    # A shot must outlast the transitions into and out of it together.
+    for (here, shot, frames, t_in), (_, nxt, _, t_out) in zip(order, order[1:]):
+        if t_in and t_out and t_in + t_out > frames:
+            issues.append(src.issue((*here, "transition"),
+                                    f"shot {shot.id!r} ({frames} frames) is shorter than its transitions "
+                                    f"in ({t_in} frames) and out to {nxt.id!r} ({t_out} frames) together"))
     # Diffusers models given as a folder or URL must be there (hub ids are checked by the
     # worker that loads them: the driver may have no hub access).
     models = [(("model", "id"), film.model)] + [

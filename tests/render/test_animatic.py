@@ -225,7 +225,7 @@ def test_encode_identity_makes_a_fitting_cutout(backend):
     assert bundle.key == identity_key(
         character_sha256=h.sha("big"),
         backend="animatic",
-        model={"version": ANIMATIC_VERSION, "max_side": 512},
+        model={"cutout": ANIMATIC_VERSION, "max_side": 512},
     )
     back = IdentityBundle.from_bytes(bundle.to_bytes())
     assert back.character == "flame" and torch.equal(back.tensors["reference_rgba"], rgba)

@@ -295,6 +295,35 @@ def test_identity_from_another_model_is_refused(tiny_dirs: dict[str, Path]) -> N
 # --- memory ----------------------------------------------------------------------------------
 
 
+def test_svd_decode_out_of_memory_retries_in_smaller_batches_without_sampling_again(
+    tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SVD's temporal VAE has no tiling: its second try decodes fewer frames at a time."""
+    model = tp.tiny_model("svd", str(tiny_dirs["svd"]))
+    be = DiffusersBackend.load(model)
+    try:
+        shot = tp.tiny_shot(model, chunks=1)
+        ids = _identities(be, flame=tp.reference_image(48))
+        vae, unet = be.pipe.vae, be.pipe.unet
+        real_decode, calls = vae.decode, {"decode": 0, "denoise": 0, "batch": []}
+        unet.register_forward_pre_hook(lambda *_: calls.__setitem__("denoise", calls["denoise"] + 1))
+
+        def decode_once_oom(latents, *args, **kwargs):
+            calls["decode"] += 1
+            calls["batch"].append(latents.shape[0])
+            if calls["decode"] == 1:
+                raise torch.cuda.OutOfMemoryError("injected")
+            return real_decode(latents, *args, **kwargs)
+
+        monkeypatch.setattr(vae, "decode", decode_once_oom)
+        out = be(shot, shot.chunks[0], ids)
+        assert out.frames.shape[0] == shot.chunks[0].num_frames
+        assert calls["denoise"] == model.steps  # sampled once (SVD batches CFG: 1 UNet call a step)
+        assert calls["batch"][0] > max(calls["batch"][1:])  # the retry decoded smaller batches
+    finally:
+        be.close()
+
+
 def test_decode_out_of_memory_retries_tiled_without_sampling_again(
     tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

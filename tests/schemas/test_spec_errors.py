@@ -643,3 +643,21 @@ def test_a_diffusers_model_folder_that_is_not_there(write_spec, tmp_path):
     load_film(path)  # a folder that exists passes; what is in it is the worker's to check
     hub = write_spec(with_model("  backend: diffusers\n  family: wan\n  id: Wan-AI/Wan2.1-I2V-14B-480P-Diffusers\n"))
     load_film(hub)  # a hub id is not looked up by the driver
+
+
+def test_a_transition_shorter_than_one_frame(write_spec):
+    path = write_spec(edit("frames: 30\n", "frames: 30\n        transition: {crossfade: 0.01}\n"))
+    assert only_issue(path) == (
+        f"{path}:15 scenes[0].shots[1].transition: crossfade of 0.01 s is shorter than one frame at 24 fps"
+    )
+
+
+def test_a_shot_shorter_than_its_transitions_in_and_out(write_spec):
+    text = edit("frames: 30\n", "frames: 30\n        transition: {crossfade: 1.0}\n")  # 24 frames in
+    text = edit("frames: 24\n", "frames: 24\n        transition: {fade_black: 0.5}\n", text)  # 12 out
+    path = write_spec(text)
+    assert only_issue(path) == (
+        f"{path}:15 scenes[0].shots[1].transition: shot 's01_020' (30 frames) is shorter than its "
+        "transitions in (24 frames) and out to 's02_010' (12 frames) together"
+    )
+    load_film(write_spec(edit("crossfade: 1.0", "crossfade: 0.75", text)))  # 18 + 12 frames fit in 30

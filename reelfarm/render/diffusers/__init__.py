@@ -24,7 +24,7 @@ import numpy as np
 
 from reelfarm.errors import BackendError, GpuOutOfMemory
 from reelfarm.render.base import ChunkOutput, Condition
-from reelfarm.render.identity import IdentityBundle, identity_key
+from reelfarm.render.identity import IdentityBundle, model_identity_key
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -204,10 +204,9 @@ class DiffusersBackend:
             raise GpuOutOfMemory(f"character {character!r}: out of memory encoding its identity")
         if encoded is not None:
             tensors[str(runner.identity_tensor)] = encoded.detach().to("cpu").clone()
-        doc = {k: getattr(self.model, k) for k in ("family", "id", "revision", "dtype")}
         return IdentityBundle(
             character=character,
-            key=identity_key(character_sha256=sha256, backend=self.name, model=doc),
+            key=model_identity_key(self.model, sha256),
             tensors=tensors,
             meta={"backend": self.name, "family": self.model.family, "model": self.model.id,
                   "revision": self.model.revision or "", "dtype": self.model.dtype,
@@ -411,7 +410,8 @@ class DiffusersBackend:
         return runner.memo.get(("identity", tuple(b.key for b in bundles)), combine)
 
     def _decode(self, latents: Any, job: SampleJob, state: Any, chunk: ChunkPlan) -> np.ndarray:
-        """Decode; on out-of-memory, retry once with VAE tiling, without sampling again."""
+        """Decode; on out-of-memory, retry once in low-memory mode (VAE tiling, or the family's
+        smaller decode batches), without sampling again."""
         import torch
 
         runner = self._live()
@@ -426,9 +426,14 @@ class DiffusersBackend:
                 oom = True
             if oom:
                 self._free()
-                if attempt == 2 or not (self.vae_tiling or runner.enable_vae_tiling()):
+                if attempt == 2:
                     break
-                self.vae_tiling = True
+                # A second try helps if it changes something: VAE tiling where the VAE has
+                # it, or the family's low-memory decode (SVD decodes fewer frames at a time).
+                tiled = self.vae_tiling or runner.enable_vae_tiling()
+                if not tiled and runner.low_memory:
+                    break
+                self.vae_tiling = self.vae_tiling or tiled
                 runner.low_memory = True
                 logger.info(
                     "chunk %s: out of memory decoding; retrying with VAE tiling", chunk.name
