@@ -272,15 +272,27 @@ def resume(
     chunk_delay: DelayOpt = None,
     storage_option: StorageOpt = None,
 ) -> None:
-    """Finish an interrupted run: renders only the chunks storage lacks."""
-    from reelfarm.flows.render import load_run_film
+    """Finish an interrupted film or campaign run: renders only the chunks storage lacks."""
+    from reelfarm.flows.film import run_summary
+    from reelfarm.flows.render import load_run, render_cells
 
     settings = _settings(address, workers, chunk_delay, storage_option, None)
     try:
-        film = load_run_film(out, settings.storage_options)
+        run = load_run(out, settings.storage_options)
     except FarmError as e:
         raise _fail(e) from None
-    raise typer.Exit(_run(film, out, settings, False))
+    if not isinstance(run, list):
+        raise typer.Exit(_run(run, out, settings, False))
+    try:
+        results = render_cells(run, out, settings)
+    except SpecError as e:
+        raise _fail(e) from None
+    except FarmError as e:
+        raise _fail(e, code=1) from None
+    for cell, result in results.items():
+        console.print(f"[bold]cell {cell}[/]", highlight=False)
+        _print_run(run_summary(result))
+    raise typer.Exit(max(r.exit_code for r in results.values()))
 
 
 @app.command()

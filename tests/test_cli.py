@@ -246,3 +246,9 @@ def test_plan_campaign_bad_placeholder_exits_2(runner, specs):
 def test_no_arguments_shows_help(runner):
     result = runner.invoke(app, [], env=ENV)
     assert "validate" in result.output and "plan" in result.output
+
+
+def test_resume_where_no_run_was_exits_2(runner, tmp_path):
+    result = runner.invoke(app, ["resume", str(tmp_path)], env=ENV)
+    assert result.exit_code == 2
+    assert "no reelfarm run here (film.json missing)" in result.stderr and "Traceback" not in result.output

@@ -9,6 +9,7 @@ Resume never depends on Prefect's result cache: storage (content keys) decides w
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -21,7 +22,7 @@ from reelfarm.cluster.farm import Farm
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.errors import FarmError, RenderError
 from reelfarm.flows.plan import plan_film
-from reelfarm.flows.render import FILM_DOC, RunResult, new_run_id, render_plan
+from reelfarm.flows.render import CAMPAIGN_DOC, FILM_DOC, RunResult, new_run_id, render_plan
 from reelfarm.schemas.film import Film
 from reelfarm.schemas.loader import LoadedCampaign, load_campaign, load_film
 from reelfarm.schemas.plan import RenderPlan
@@ -148,6 +149,9 @@ def render_campaign_flow(spec: str, out: str, settings: Settings | None = None) 
     settings = _settings(settings)
     loaded = validate_campaign(spec, settings.storage_options)
     store = ChunkStore(out, storage_options=settings.storage_options)
+    store.write_bytes_atomic(CAMPAIGN_DOC, json.dumps(
+        {"campaign": loaded.campaign.campaign, "spec": spec,
+         "cells": [c.cell_id for c in loaded.cells]}, indent=1).encode())
     cells: dict[str, Any] = {}
     failed: list[str] = []
     with Farm(store, settings) as farm:  # one pool of workers for every cell

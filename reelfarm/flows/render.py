@@ -22,10 +22,21 @@ from reelfarm.schemas.film import Film
 from reelfarm.schemas.plan import RenderPlan
 from reelfarm.settings import Settings
 
-__all__ = ["FILM_DOC", "RunResult", "load_run_film", "new_run_id", "render_plan", "render_spec"]
+__all__ = [
+    "CAMPAIGN_DOC",
+    "FILM_DOC",
+    "RunResult",
+    "load_run",
+    "load_run_film",
+    "new_run_id",
+    "render_cells",
+    "render_plan",
+    "render_spec",
+]
 
 logger = logging.getLogger(__name__)
 FILM_DOC = "film.json"  # the resolved film, kept in OUT so `reelfarm resume OUT` needs nothing else
+CAMPAIGN_DOC = "campaign.json"  # a campaign's cells, each with OUT/<cell>/film.json
 STITCH_ROUNDS = 3  # stitching finds a corrupt chunk -> render it again -> stitch again
 
 
@@ -154,6 +165,36 @@ def load_run_film(out_url: str, storage_options: dict[str, Any] | None = None) -
     if data is None:
         raise SpecError.single(f"{out_url}/{FILM_DOC}", "no reelfarm run here (film.json missing)")
     return Film.model_validate_json(data)
+
+
+def load_run(out_url: str, storage_options: dict[str, Any] | None = None
+             ) -> Film | list[tuple[str, Film]]:
+    """What a run in ``out_url`` renders: its film, or a campaign's ``(cell, film)`` list."""
+    store = ChunkStore(out_url, storage_options=storage_options)
+    doc = store.read_bytes(CAMPAIGN_DOC)
+    if doc is None:
+        return load_run_film(out_url, storage_options)
+    cells = []
+    for cell in json.loads(doc)["cells"]:
+        data = store.read_bytes(f"{cell}/{FILM_DOC}")
+        if data is None:
+            raise SpecError.single(f"{out_url}/{cell}/{FILM_DOC}", f"campaign cell {cell!r} has no film.json")
+        cells.append((cell, Film.model_validate_json(data)))
+    return cells
+
+
+def render_cells(cells: list[tuple[str, Film]], out_url: str, settings: Settings | None = None
+                 ) -> dict[str, RunResult]:
+    """Render campaign cells into ``out_url/<cell>/`` on one farm, chunks shared at ``out_url``."""
+    settings = settings or Settings()
+    store = ChunkStore(out_url, storage_options=settings.storage_options)
+    results: dict[str, RunResult] = {}
+    with Farm(store, settings) as farm:
+        for cell, film in cells:
+            results[cell] = render_plan(plan_film(film), farm, store, out_url=store.url(cell),
+                                        run_id=new_run_id(), formats=tuple(film.output.formats),
+                                        crf=film.output.crf, prefix=cell, settings=settings)
+    return results
 
 
 def render_spec(film: Film, out_url: str, settings: Settings | None = None, *,

@@ -12,6 +12,7 @@ from reelfarm.cluster.store import ChunkStore
 from reelfarm.flows.deploy import build_deployment
 from reelfarm.flows.film import render_campaign_flow, render_film_flow
 from reelfarm.flows.plan import plan_film
+from reelfarm.flows.render import load_run, render_cells
 from reelfarm.render.ffmpeg import probe
 from reelfarm.schemas.loader import load_film
 from reelfarm.settings import Settings
@@ -95,6 +96,13 @@ def test_campaign_flow_renders_every_cell_and_shares_chunks(tmp_path):
     shared = len(plan_film(load_film(base)).shot("s01_010").chunks)
     assert cells["warm"]["rendered"] + cells["bold"]["rendered"] == cells["warm"]["chunks"] * 2 - shared
     assert cells["warm"]["cached"] + cells["bold"]["cached"] == shared
+
+    # `reelfarm resume OUT` on a campaign: every cell found again, nothing left to render.
+    run = load_run(str(out))
+    assert sorted(cell for cell, _ in run) == sorted(cells)
+    resumed = render_cells(run, str(out), Settings())
+    assert all(r.exit_code == 0 and not r.summary.rendered for r in resumed.values())
+    assert sum(len(r.summary.cached) for r in resumed.values()) == cells["warm"]["chunks"] * 2
 
     deployment = build_deployment(str(spec), str(out))
     assert deployment.name == "tiny-launch"
