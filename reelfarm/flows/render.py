@@ -82,13 +82,13 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
     manifest = ManifestWriter(store, plan, run_id, flush_s=settings.manifest_flush_s, prefix=prefix)
     summary = farm.render(plan, manifest)
     result = RunResult(run_id=run_id, out_url=out_url, plan=plan, summary=summary)
-    from reelfarm.render.stitch import stitch_film, stitch_shots
-
     if not summary.ok:
-        _partial(plan, store, out_url, result, crf, stitch_shots)
+        _partial(plan, store, out_url, result, crf)
         manifest.flush(force=True)
         _write_status(store, prefix, result)
         return result
+
+    from reelfarm.render.stitch import stitch_film
 
     for round_ in range(STITCH_ROUNDS):
         try:
@@ -106,7 +106,7 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
             summary.failed.update(again.failed)
             summary.failed_shots.update(again.failed_shots)
             if not again.ok:
-                _partial(plan, store, out_url, result, crf, stitch_shots)
+                _partial(plan, store, out_url, result, crf)
                 manifest.flush(force=True)
                 _write_status(store, prefix, result)
                 return result
@@ -121,9 +121,10 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
     return result
 
 
-def _partial(plan: RenderPlan, store: ChunkStore, out_url: str, result: RunResult, crf: int,
-             stitch_shots) -> None:
+def _partial(plan: RenderPlan, store: ChunkStore, out_url: str, result: RunResult, crf: int) -> None:
     """Some shots failed: no cut, but the good shots' clips, so nothing rendered is wasted."""
+    from reelfarm.render.stitch import stitch_shots
+
     summary = result.summary
     good = [s.shot_id for s in plan.shots if s.shot_id not in summary.failed_shots]
     logger.warning("%d chunk(s) failed in %d shot(s): no cut; writing the %d good shot clip(s)",
