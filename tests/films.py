@@ -8,6 +8,24 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw
 
+# A campaign's base film: `{product}` comes from each matrix cell's vars.
+CAMPAIGN_FILM = """\
+reelfarm: 1
+title: "{product} spot"
+characters:
+  moth: {reference: moth.png}
+scenes:
+  - id: s01
+    shots:
+      - id: s01_010
+        frames: 60
+        prompt: a moth lands on a {product}
+        characters: [moth]
+      - id: s01_020
+        frames: 48
+        prompt: the logo
+"""
+
 COLOURS = {"flame": (255, 170, 40), "moth": (150, 130, 200), "owl": (120, 90, 60), "fox": (220, 100, 30)}
 
 

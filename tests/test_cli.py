@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from reelfarm.cli import app
 from reelfarm.flows.plan import plan_film
 from reelfarm.schemas import load_film
+from tests.films import CAMPAIGN_FILM
 
 FILM = """\
 reelfarm: 1
@@ -42,22 +43,6 @@ scenes:
 BAD = FILM.replace("characters: [moth]", "characters: [mothh]")
 BAD_MESSAGE = "scenes[0].shots[0].characters[0]: unknown character 'mothh' (known: moth)"
 
-CAMPAIGN_FILM = """\
-reelfarm: 1
-title: "{product} spot"
-characters:
-  moth: {reference: moth.png}
-scenes:
-  - id: s01
-    shots:
-      - id: s01_010
-        frames: 60
-        prompt: a moth lands on a {product}
-        characters: [moth]
-      - id: s01_020
-        frames: 48
-        prompt: the logo
-"""
 CAMPAIGN = """\
 reelfarm: 1
 campaign: Spring launch

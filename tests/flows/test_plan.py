@@ -22,6 +22,7 @@ from reelfarm.flows.plan import CampaignPlan, chunk_ranges, chunk_seed, plan_cam
 from reelfarm.schemas import FAMILIES, RenderPlan, load_campaign, load_film, load_spec
 from reelfarm.schemas.families import FamilyRule
 from reelfarm.schemas.loader import LoadedCampaign
+from tests.films import CAMPAIGN_FILM
 
 # Four shots: 48 + 100 + 130 + 60 frames; s01_020 begins with a 12-frame crossfade.
 FILM = """\
@@ -464,22 +465,6 @@ def test_unhashed_film_is_refused(folder):
 
 
 # --- campaigns ------------------------------------------------------------------------------------
-CAMPAIGN_FILM = """\
-reelfarm: 1
-title: "{product} spot"
-characters:
-  moth: {reference: moth.png}
-scenes:
-  - id: s01
-    shots:
-      - id: s01_010
-        frames: 60
-        prompt: a moth lands on a {product}
-        characters: [moth]
-      - id: s01_020
-        frames: 48
-        prompt: the logo
-"""
 CAMPAIGN = """\
 reelfarm: 1
 campaign: Spring launch
