@@ -1,21 +1,13 @@
-"""The farm: Ray worker actors, identity sharing, and the chunk scheduler.
+"""The farm: Ray worker actors, identity sharing, and the Ray adapter of the scheduler.
 
-Rules the scheduler keeps:
-
-1. A chunk whose content key already has a committed output is not rendered again.
-2. A chunk is ready when the chunk it continues from is committed.
-3. Among ready chunks: those for the model a worker already holds first, then the
-   longest remaining chain (estimate of the chunk and everything that waits on it).
-4. Each worker has one chunk running and ``queue_depth - 1`` queued behind it.
-5. Failures by class: worker or node lost, timeout -> retry elsewhere; out of memory ->
-   retry with low-memory settings; bad input or model error -> fail the chunk now.
-   A failed chunk fails its shot (and the chunks that continue from it); other shots go on.
-6. A node whose workers fail ``node_failure_limit`` chunks is blocklisted for the run.
+Which chunk goes where, and what happens when something fails, is decided by
+:class:`reelfarm.cluster.scheduler.Scheduler` (its module docstring lists the rules). This
+module starts and replaces Ray actors, encodes identities once and shares them by
+reference, turns Ray futures into scheduler events, and carries out its decisions.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import time
@@ -28,25 +20,35 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from reelfarm.cluster.manifest import ManifestWriter, utcnow
 from reelfarm.cluster.runtime import connect, node_slots
+from reelfarm.cluster.scheduler import (
+    ChunkDone,
+    ChunkFailed,
+    Fail,
+    Job,
+    Kill,
+    NodeDown,
+    NodeUp,
+    Requeue,
+    Rules,
+    Scheduler,
+    Spawn,
+    Submit,
+    Tick,
+    WorkerDown,
+    WorkerReady,
+)
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.cluster.worker import ChunkWorker, RenderReply, identity_cache_key, load_key
-from reelfarm.errors import (
-    BackendError,
-    ChunkTimeout,
-    DependencyUnreadable,
-    FarmError,
-    GpuOutOfMemory,
-    RenderError,
-    WorkerLost,
-)
+from reelfarm.errors import FarmError, RenderError
 from reelfarm.render.identity import IdentityBundle
-from reelfarm.schemas.plan import ChunkPlan, RenderPlan, ShotPlan
+from reelfarm.schemas.plan import RenderPlan
 from reelfarm.settings import Settings
 
 __all__ = ["Farm", "FarmStats", "RenderSummary"]
 
 logger = logging.getLogger(__name__)
 _RemoteWorker = ray.remote(ChunkWorker)
+NODE_SYNC_S = 5.0  # how often the cluster's nodes are read again during a render
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
          ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
 
@@ -90,21 +92,7 @@ class _Worker:
     handle: Any
     gpus: int
     model: str | None = None  # load key of the last model asked for
-    queue: deque = field(default_factory=deque)  # (ref, task), head is running
-    head_since: float = 0.0
-    started: bool = False  # has been given a chunk (the first one also waits for the model load)
     alive: bool = True
-
-
-@dataclass
-class _Task:
-    shot: ShotPlan
-    chunk: ChunkPlan
-    priority: float
-    attempts: int = 0
-    low_memory: bool = False
-    avoid: str | None = None  # worker that last failed it
-    loads: bool = False  # its worker must load the model first: the deadline allows for it
 
 
 class Farm:
@@ -279,7 +267,7 @@ class Farm:
                 self._fill_slots()
         raise FarmError(f"character {name!r}: every worker given its identity was lost")
 
-    # --- the scheduler -------------------------------------------------------------
+    # --- rendering: Ray futures in, scheduler decisions out ---------------------------
     def render(self, plan: RenderPlan, manifest: ManifestWriter, *, force: set[str] | None = None
                ) -> RenderSummary:
         """Render every chunk of ``plan`` that storage lacks. Never raises for a chunk.
@@ -289,277 +277,170 @@ class Farm:
             manifest: the run's manifest, updated as chunks finish.
             force: content keys to render even if committed (found corrupt by stitching).
         """
-        s = self.settings
         summary = RenderSummary(run_id=manifest.run_id)
         loads_before, enc_before = self.stats.model_loads, self.stats.identity_encodes
-        force = force or set()
         # 1. What is already done.
-        done: set[str] = set()
-        todo: list[tuple[ShotPlan, ChunkPlan]] = []
-        for shot in plan.shots:
-            for c in shot.chunks:
-                if c.key not in force and self.store.is_complete(c.key):
-                    done.add(c.key)
-                    if manifest.get(c.key).status == "done":
-                        continue  # rendered earlier in this same run (a re-render round)
-                    summary.cached.append(c.key)
-                    rec = self.store.record(c.key)
-                    manifest.update(c.key, status="cached", output_url=rec.url if rec else None,
-                                    checksum=rec.checksum if rec else None)
-                else:
-                    todo.append((shot, c))
+        done = self._committed(plan, manifest, summary, force or set())
+        jobs = [Job(c.key, c.name, shot.shot_id, c.est_gpu_s, load_key(shot.model), c.depends_on,
+                    (shot, c)) for shot in plan.shots for c in shot.chunks]
+        sched = Scheduler(jobs, Rules.from_settings(self.settings), clock=time.monotonic, done=done,
+                          blocklist=self.blocklist, node_failures=self._node_failures)
+        if not sched.finished:
+            # 2. Identities, once, shared by reference. 3. Dispatch and collect.
+            run = _Run(self, sched, manifest, summary, self.prepare_identities(plan))
+            run.loop()
         manifest.flush(force=True)
-        if not todo:
-            return summary
-        # 2. Identities, once, shared by reference.
-        identities = self.prepare_identities(plan)
-        # 3. Priorities: the estimate of a chunk plus everything chained after it.
-        chain: dict[str, float] = {}
-        for shot in plan.shots:
-            acc = 0.0
-            for c in reversed(shot.chunks):
-                acc = c.est_gpu_s + (acc if shot.chunks[-1].depends_on else 0.0)
-                chain[c.key] = acc
-        waiting: dict[str, list[_Task]] = {}  # dependency key -> tasks waiting on it
-        ready: list[tuple[float, int, _Task]] = []
-        seq = itertools.count()
-
-        def make_ready(task: _Task) -> None:
-            heapq.heappush(ready, (-task.priority, next(seq), task))
-
-        for shot, c in todo:
-            task = _Task(shot, c, chain[c.key])
-            if c.depends_on and c.depends_on not in done:
-                waiting.setdefault(c.depends_on, []).append(task)
-            else:
-                make_ready(task)
-        remaining = len(todo)
-
-        def fail(task: _Task, error: str) -> None:
-            nonlocal remaining
-            key = task.chunk.key
-            summary.failed[key] = error
-            summary.failed_shots.setdefault(task.shot.shot_id, f"{task.chunk.name}: {error}")
-            manifest.update(key, status="failed", error=error[:2000], attempts=task.attempts,
-                            finished_at=utcnow())
-            remaining -= 1
-            for dep in waiting.pop(key, []):  # chunks that continue from it cannot start
-                fail(dep, f"blocked: {task.chunk.name} failed")
-
-        def succeed(task: _Task, w: _Worker, reply: RenderReply) -> None:
-            nonlocal remaining
-            key = task.chunk.key
-            done.add(key)
-            summary.rendered.append(key)
-            summary.nodes_used.add(w.node_id)
-            summary.workers_used.add(w.wid)
-            self.stats.rendered += 1
-            if reply.loaded:
-                self.stats.model_loads += 1
-            manifest.update(key, status="done", attempts=task.attempts, worker=reply.worker,
-                            node=w.node_id, finished_at=utcnow(), render_s=round(reply.render_s, 4),
-                            output_url=reply.record.url, checksum=reply.record.checksum, error=None)
-            remaining -= 1
-            for dep in waiting.pop(key, []):
-                make_ready(dep)
-
-        def pick(w: _Worker) -> _Task | None:
-            """Best ready task for ``w``: its own model first, then the longest chain."""
-            if not ready:
-                return None
-            multi = len(self._alive()) > 1
-            top = ready[0][2]
-            if (w.model is None or load_key(top.shot.model) == w.model) and not (
-                    multi and top.avoid == w.wid):
-                return heapq.heappop(ready)[2]  # the usual case: one model, O(log n)
-            best = None
-            for i, (_, _, t) in enumerate(ready):
-                if t.avoid == w.wid and len(self._alive()) > 1:
-                    continue
-                if load_key(t.shot.model) == w.model:
-                    if best is None or (ready[i][0], ready[i][1]) < (ready[best][0], ready[best][1]):
-                        best = i
-            if best is None:
-                candidates = [i for i, (_, _, t) in enumerate(ready)
-                              if not (t.avoid == w.wid and len(self._alive()) > 1)]
-                if not candidates:
-                    return None
-                best = min(candidates, key=lambda i: (ready[i][0], ready[i][1]))
-            item = ready[best]
-            ready[best] = ready[-1]
-            ready.pop()
-            heapq.heapify(ready)
-            return item[2]
-
-        def submit(w: _Worker, task: _Task) -> None:
-            task.attempts += 1
-            lk = load_key(task.shot.model)
-            task.loads = w.model != lk or not w.started
-            w.model = lk
-            w.started = True
-            names = list(task.shot.characters)
-            refs = [identities[(lk, n)] for n in names]
-            ref = w.handle.render.remote(task.shot, task.chunk, self.store, names, *refs,
-                                         low_memory=task.low_memory, run_id=manifest.run_id,
-                                         attempt=task.attempts)
-            if not w.queue:
-                w.head_since = time.monotonic()
-            w.queue.append((ref, task))
-            manifest.update(task.chunk.key, status="running", attempts=task.attempts, worker=w.wid,
-                            node=w.node_id, started_at=utcnow())
-
-        def retry(task: _Task, error: FarmError, w: _Worker | None) -> None:
-            if task.attempts >= s.max_attempts:
-                fail(task, f"{type(error).__name__} after {task.attempts} attempts: {error}")
-                return
-            self.stats.retries += 1
-            task.avoid = w.wid if w else None
-            if isinstance(error, GpuOutOfMemory):
-                task.low_memory = True
-            manifest.update(task.chunk.key, status="planned", error=f"{type(error).__name__}: {error}"[:2000])
-            make_ready(task)
-
-        def node_failed(node_id: str) -> None:
-            """Count a failure the node caused (a lost worker, a hung chunk).
-
-            Failures the chunk causes (bad input, out of memory, storage) are not counted.
-            The last node that can take work is never blocklisted: that would fail every
-            chunk left, where carrying on may still finish most of them.
-            """
-            self._node_failures[node_id] = self._node_failures.get(node_id, 0) + 1
-            others = {w.node_id for w in self._alive()} - {node_id}
-            if (self._node_failures[node_id] >= s.node_failure_limit and node_id not in self.blocklist
-                    and others):
-                logger.warning("node %s failed %d chunks: blocklisted for this run",
-                               node_id, self._node_failures[node_id])
-                self.blocklist.add(node_id)
-                summary.blocklisted.add(node_id)
-                for other in self._alive():
-                    if other.node_id == node_id:
-                        lose_worker(other, requeue=True, kill=True)
-
-        def lose_worker(w: _Worker, *, requeue: bool, kill: bool = False,
-                        cause: FarmError | None = None) -> None:
-            """Take ``w`` out; its queued chunks go back to the ready list."""
-            if not w.alive:
-                return
-            w.alive = False
-            if kill:
-                ray.kill(w.handle)
-            while w.queue:
-                _, task = w.queue.popleft()
-                if cause is not None and requeue:
-                    retry(task, cause, w)
-                    cause = None  # only the running chunk counts as an attempt
-                else:
-                    task.attempts -= 1
-                    make_ready(task)
-
-        chunks_by_key = {c.key: (shot, c) for shot in plan.shots for c in shot.chunks}
-        rerendered: set[str] = set()
-
-        def rerender_dependency(task: _Task, error: DependencyUnreadable) -> None:
-            """The chunk ``task`` continues from is unreadable: render it again, then ``task``."""
-            nonlocal remaining
-            dep = error.key
-            task.attempts -= 1  # not this chunk's fault
-            if dep in rerendered or dep not in chunks_by_key:
-                fail(task, f"{type(error).__name__}: {error}")
-                return
-            logger.warning("%s: rendering its dependency %s again (%s)", task.chunk.name, dep, error)
-            rerendered.add(dep)
-            done.discard(dep)
-            summary.cached = [k for k in summary.cached if k != dep]
-            shot, chunk = chunks_by_key[dep]
-            remaining += 1
-            make_ready(_Task(shot, chunk, chain[dep]))
-            waiting.setdefault(dep, []).append(task)
-
-        def check_capacity() -> None:
-            self._fill_slots()
-            if not self._alive():
-                for _, _, task in list(ready):
-                    fail(task, "no worker left: every node is lost or blocklisted")
-                ready.clear()
-
-        # 4. Dispatch and collect, in completion order.
-        last_flush = time.monotonic()
-        while remaining > 0:
-            for w in self._alive():
-                while len(w.queue) < s.queue_depth:
-                    task = pick(w)
-                    if task is None:
-                        break
-                    submit(w, task)
-            inflight = {w.queue[0][0]: w for w in self._alive() if w.queue}
-            if not inflight:
-                if ready or waiting:
-                    check_capacity()
-                    if not self._alive():
-                        break
-                    if not ready and waiting:
-                        # Everything left waits on chunks that will never come.
-                        for key in list(waiting):
-                            for t in waiting.pop(key, []):
-                                fail(t, f"blocked: dependency {key} never rendered")
-                    continue
-                break
-            done_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            now = time.monotonic()
-            for ref in done_refs:
-                w = inflight[ref]
-                _, task = w.queue.popleft()
-                w.head_since = now
-                try:
-                    reply: RenderReply = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    cause = e.cause if isinstance(e.cause, BaseException) else e
-                    if isinstance(cause, _LOST):
-                        self._worker_lost(w, task, lose_worker, retry, node_failed, cause)
-                    elif isinstance(cause, DependencyUnreadable):
-                        rerender_dependency(task, cause)
-                    else:
-                        err = cause if isinstance(cause, FarmError) else RenderError(str(cause))
-                        if isinstance(err, BackendError) or not err.retryable:
-                            fail(task, f"{type(err).__name__}: {err}")
-                        else:
-                            retry(task, err, w)  # the chunk's failure, not the node's
-                    continue
-                except ray.exceptions.RayError as e:
-                    # The worker died, its node went away, or it never started.
-                    self._worker_lost(w, task, lose_worker, retry, node_failed, e)
-                    continue
-                succeed(task, w, reply)
-            # Timeouts: a running chunk far past its estimate is cancelled and retried.
-            for w in self._alive():
-                if not w.queue:
-                    continue
-                _, task = w.queue[0]
-                limit = max(s.timeout_floor_s, s.timeout_factor * task.chunk.est_gpu_s)
-                if task.loads:  # loading a model (and starting a worker) is not rendering
-                    limit += s.load_timeout_s
-                if now - w.head_since > limit:
-                    logger.warning("%s ran %.0f s (limit %.0f s) on %s: cancelled",
-                                   task.chunk.name, now - w.head_since, limit, w.wid)
-                    lose_worker(w, requeue=True, kill=True,
-                                cause=ChunkTimeout(f"{task.chunk.name} ran past {limit:.0f} s"))
-                    node_failed(w.node_id)
-                    self._fill_slots()
-            if now - last_flush >= s.manifest_flush_s:
-                manifest.flush()
-                last_flush = now
-        manifest.flush(force=True)
+        summary.rendered = list(sched.rendered)
+        summary.failed = dict(sched.failed)
+        summary.failed_shots = dict(sched.failed_shots)
+        summary.cached = [k for k in summary.cached if k not in sched.rerendered]
+        self.stats.rendered += len(sched.rendered)
+        self.stats.retries += sched.retries
         summary.model_loads = self.stats.model_loads - loads_before
         summary.identity_encodes = self.stats.identity_encodes - enc_before
         summary.blocklisted |= self.blocklist
         return summary
 
-    def _worker_lost(self, w: _Worker, task: _Task, lose_worker, retry, node_failed, cause) -> None:
-        """A worker died (its process, or its node): retry its chunks elsewhere."""
-        logger.warning("worker %s lost while rendering %s: %s", w.wid, task.chunk.name,
-                       type(cause).__name__)
-        # The running chunk counts as a failed attempt; the queued ones go back as they were.
-        w.queue.appendleft((None, task))
-        lose_worker(w, requeue=True, cause=WorkerLost(f"{w.wid}: {type(cause).__name__}"))
-        node_failed(w.node_id)
-        self._fill_slots()
+    def _committed(self, plan: RenderPlan, manifest: ManifestWriter, summary: RenderSummary,
+                   force: set[str]) -> set[str]:
+        """Keys already committed, recorded as cached in the manifest (rule 1)."""
+        done: set[str] = set()
+        for c in plan.chunks:
+            if c.key in force or not self.store.is_complete(c.key):
+                continue
+            done.add(c.key)
+            if manifest.get(c.key).status == "done":
+                continue  # rendered earlier in this same run (a re-render round)
+            summary.cached.append(c.key)
+            rec = self.store.record(c.key)
+            manifest.update(c.key, status="cached", output_url=rec.url if rec else None,
+                            checksum=rec.checksum if rec else None)
+        manifest.flush(force=True)
+        return done
+
+
+class _Run:
+    """One ``Farm.render``: turns Ray futures into scheduler events and decisions into calls."""
+
+    def __init__(self, farm: Farm, sched: Scheduler, manifest: ManifestWriter, summary: RenderSummary,
+                 identities: dict[tuple[str, str], Any]) -> None:
+        self.farm, self.sched, self.manifest, self.summary = farm, sched, manifest, summary
+        self.identities = identities
+        self.refs: dict[str, deque] = {}  # worker id -> refs of its queued chunks, head running
+        self.by_id: dict[str, _Worker] = {}
+
+    def loop(self) -> None:
+        farm, sched = self.farm, self.sched
+        # Workers the farm already runs (they may hold a model), then the nodes' capacity.
+        for w in farm._alive():
+            self._apply(sched.on(WorkerReady(w.wid, w.node_id, holds=w.model)))
+        self._sync_nodes()
+        last_flush = last_sync = time.monotonic()
+        while not sched.finished:
+            inflight = {q[0]: wid for wid, q in self.refs.items() if q and self.by_id[wid].alive}
+            if not inflight:
+                if not sched.alive():
+                    break  # the scheduler failed what was left
+                self._apply(sched.on(Tick()))
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                self._collect(inflight[ref], ref)
+            self._apply(sched.on(Tick()))
+            now = time.monotonic()
+            if now - last_sync >= NODE_SYNC_S:
+                self._sync_nodes()
+                last_sync = now
+            if now - last_flush >= farm.settings.manifest_flush_s:
+                self.manifest.flush()
+                last_flush = now
+
+    def _collect(self, wid: str, ref: Any) -> None:
+        """One finished chunk call: success, a chunk failure, or a lost worker."""
+        self.refs[wid].popleft()
+        w = self.by_id[wid]
+        key = self._head_key(wid)
+        try:
+            reply: RenderReply = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            if isinstance(cause, _LOST):
+                self._worker_down(w, cause)
+            else:
+                err = cause if isinstance(cause, FarmError) else RenderError(str(cause))
+                self._apply(self.sched.on(ChunkFailed(wid, key, err)))
+            return
+        except ray.exceptions.RayError as e:  # the worker died, its node went away, or it never started
+            self._worker_down(w, e)
+            return
+        if reply.loaded:
+            self.farm.stats.model_loads += 1
+        self.summary.nodes_used.add(w.node_id)
+        self.summary.workers_used.add(wid)
+        self.manifest.update(key, status="done", worker=reply.worker, node=w.node_id, finished_at=utcnow(),
+                             render_s=round(reply.render_s, 4), output_url=reply.record.url,
+                             checksum=reply.record.checksum, error=None)
+        self._apply(self.sched.on(ChunkDone(wid, key, seconds=reply.render_s)))
+
+    def _head_key(self, wid: str) -> str:
+        return self.sched.running()[wid]
+
+    def _worker_down(self, w: _Worker, cause: BaseException) -> None:
+        logger.warning("worker %s lost: %s", w.wid, type(cause).__name__)
+        self._sync_nodes()  # a node that went away takes all its workers with it
+        self._apply(self.sched.on(WorkerDown(w.wid, type(cause).__name__)))
+
+    def _sync_nodes(self) -> None:
+        """Tell the scheduler which nodes can hold workers now (joins and losses)."""
+        farm, sched = self.farm, self.sched
+        slots = {s.node_id: s for s in node_slots(workers=farm.settings.workers, gpu=farm._gpu)}
+        for node in list(sched.nodes):
+            if node not in slots:
+                self._apply(sched.on(NodeDown(node)))
+        for node, s in slots.items():
+            want = s.gpus or s.cpus
+            if sched.nodes.get(node) != (want, bool(s.gpus)):
+                self._apply(sched.on(NodeUp(node, want, gpu=bool(s.gpus))))
+
+    def _apply(self, decisions: list) -> None:
+        """Carry out the scheduler's decisions; a Spawn answers with WorkerReady at once."""
+        pending = deque(decisions)
+        while pending:
+            d = pending.popleft()
+            if isinstance(d, Submit):
+                self._submit(d)
+            elif isinstance(d, Spawn):
+                w = self.farm._spawn(d.node, gpu=d.gpu)
+                pending.extend(self.sched.on(WorkerReady(w.wid, w.node_id)))
+            elif isinstance(d, Kill):
+                w = self._worker(d.worker)
+                w.alive = False
+                ray.kill(w.handle)
+            elif isinstance(d, Requeue):
+                self.manifest.update(d.key, status="planned", error=d.error[:2000])
+            elif isinstance(d, Fail):
+                self.manifest.update(d.key, status="failed", error=d.error[:2000], attempts=d.attempts,
+                                     finished_at=utcnow())
+        alive = set(self.sched.alive())
+        for wid, w in self.by_id.items():  # workers the scheduler took out are out here too
+            if wid not in alive:
+                w.alive = False
+                self.refs.pop(wid, None)
+
+    def _worker(self, wid: str) -> _Worker:
+        if wid not in self.by_id:
+            self.by_id[wid] = next(w for w in self.farm.workers if w.wid == wid)
+        return self.by_id[wid]
+
+    def _submit(self, d: Submit) -> None:
+        w = self._worker(d.worker)
+        shot, chunk = self.sched.jobs[d.key].payload
+        lk = load_key(shot.model)
+        w.model = lk
+        names = list(shot.characters)
+        refs = [self.identities[(lk, n)] for n in names]
+        ref = w.handle.render.remote(shot, chunk, self.farm.store, names, *refs, low_memory=d.low_memory,
+                                     run_id=self.manifest.run_id, attempt=d.attempt)
+        self.refs.setdefault(d.worker, deque()).append(ref)
+        self.manifest.update(d.key, status="running", attempts=d.attempt, worker=w.wid, node=w.node_id,
+                             started_at=utcnow())

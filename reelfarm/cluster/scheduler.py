@@ -1,0 +1,541 @@
+"""The chunk scheduler as a state machine: events in, decisions out. No Ray, no wall clock.
+
+Rules the scheduler keeps:
+
+1. A chunk whose content key already has a committed output is not rendered again
+   (the adapter passes those keys as ``done``).
+2. A chunk is ready when the chunk it continues from is committed.
+3. Among ready chunks: those for the model a worker already holds first, then the
+   longest remaining chain (estimate of the chunk and everything that waits on it).
+4. Each worker has one chunk running and ``queue_depth - 1`` queued behind it.
+5. Failures by class: worker or node lost, timeout -> retry elsewhere; out of memory ->
+   retry with low-memory settings; bad input or model error -> fail the chunk now; the
+   chunk it continues from unreadable -> render that one again, then this one.
+   A failed chunk fails its shot (and the chunks that continue from it); other shots go on.
+6. A node whose workers fail ``node_failure_limit`` chunks is blocklisted for the run
+   (never the last node that can take work).
+
+The same class drives the Ray farm (:mod:`reelfarm.cluster.farm` turns Ray futures into
+events and decisions into actor calls) and a simulator (a discrete-event clock). Time
+comes only from the ``clock`` it is given.
+
+    sched = Scheduler(jobs, Rules(), clock=fake_clock)
+    sched.on(NodeUp("n1", slots=1))              # -> [Spawn("n1")]
+    sched.on(WorkerReady("w1", node="n1"))       # -> [Submit(key, "w1", ...), ...]
+    sched.on(ChunkDone("w1", key, seconds=41.2))  # -> [Submit(next, "w1", ...)]
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from reelfarm.errors import BackendError, ChunkTimeout, DependencyUnreadable, FarmError, GpuOutOfMemory
+from reelfarm.errors import WorkerLost as WorkerLostError
+
+__all__ = [
+    "ChunkDone",
+    "ChunkFailed",
+    "Decision",
+    "Event",
+    "Fail",
+    "Job",
+    "Kill",
+    "NodeDown",
+    "NodeUp",
+    "Requeue",
+    "Rules",
+    "Scheduler",
+    "Spawn",
+    "Submit",
+    "Tick",
+    "WorkerDown",
+    "WorkerReady",
+    "chain_estimates",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --- what is scheduled, and how -----------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One chunk as the scheduler sees it.
+
+    Attributes:
+        key: content key (unique per job).
+        name: ``<shot>/chunk-<first>-<last>``, for messages.
+        shot: shot id: a failed chunk fails its shot.
+        est_s: estimated GPU-seconds.
+        model: the load key of the model it needs (workers holding it are preferred).
+        depends_on: key of the chunk it continues from, if any.
+        payload: what the adapter needs to run it (opaque here).
+    """
+
+    key: str
+    name: str
+    shot: str
+    est_s: float
+    model: str
+    depends_on: str | None = None
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Retry, blocklist, queue and timeout policy (from :class:`~reelfarm.settings.Settings`)."""
+
+    max_attempts: int = 3
+    node_failure_limit: int = 3
+    queue_depth: int = 2
+    timeout_factor: float = 10.0
+    timeout_floor_s: float = 600.0
+    load_timeout_s: float = 1800.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Rules:
+        return cls(**{f: getattr(settings, f) for f in cls.__dataclass_fields__})
+
+
+# --- events in ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodeUp:
+    """A node can hold ``slots`` workers (one per GPU, or CPU workers)."""
+
+    node: str
+    slots: int
+    gpu: bool = False
+
+
+@dataclass(frozen=True)
+class NodeDown:
+    """A node left the cluster: its workers are lost."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """A worker exists on ``node`` (started earlier, or in answer to a Spawn)."""
+
+    worker: str
+    node: str
+    holds: str | None = None  # load key of the model it already holds
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    """The chunk at the head of ``worker``'s queue is committed."""
+
+    worker: str
+    key: str
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChunkFailed:
+    """The chunk at the head of ``worker``'s queue raised ``error``; the worker lives on."""
+
+    worker: str
+    key: str
+    error: FarmError
+
+
+@dataclass(frozen=True)
+class WorkerDown:
+    """A worker died (its process or its node); its running chunk counts as an attempt."""
+
+    worker: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: check running chunks against their time limits."""
+
+
+Event = NodeUp | NodeDown | WorkerReady | ChunkDone | ChunkFailed | WorkerDown | Tick
+
+
+# --- decisions out ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Submit:
+    """Send ``key`` to ``worker`` (queued behind what it runs)."""
+
+    key: str
+    worker: str
+    attempt: int
+    low_memory: bool = False
+    loads: bool = False  # the worker must load the model first
+
+
+@dataclass(frozen=True)
+class Kill:
+    """Stop ``worker``: it hung, or its node is blocklisted."""
+
+    worker: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start a worker on ``node``; answer with ``WorkerReady`` when it exists."""
+
+    node: str
+    gpu: bool = False
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """``key`` failed an attempt and will be tried again."""
+
+    key: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    """``key`` is given up on; its shot has failed."""
+
+    key: str
+    error: str
+    attempts: int = 0
+
+
+Decision = Submit | Kill | Spawn | Requeue | Fail
+
+
+# --- internal state -----------------------------------------------------------------------
+@dataclass
+class _Task:
+    job: Job
+    priority: float
+    attempts: int = 0
+    low_memory: bool = False
+    avoid: str | None = None  # worker that last failed it
+    loads: bool = False
+
+
+@dataclass
+class _Worker:
+    wid: str
+    node: str
+    model: str | None = None
+    queue: deque[_Task] = field(default_factory=deque)  # head is running
+    head_since: float = 0.0
+    started: bool = False
+    alive: bool = True
+
+
+def chain_estimates(jobs: Iterable[Job]) -> dict[str, float]:
+    """Each job's estimate plus the longest chain of jobs that continue from it."""
+    jobs = list(jobs)
+    children: dict[str, list[str]] = {}
+    for j in jobs:
+        if j.depends_on:
+            children.setdefault(j.depends_on, []).append(j.key)
+    chain: dict[str, float] = {}
+    for j in reversed(jobs):  # a job is listed after the one it continues from
+        chain[j.key] = j.est_s + max((chain.get(k, 0.0) for k in children.get(j.key, ())), default=0.0)
+    return chain
+
+
+class Scheduler:
+    """Decides which worker renders which chunk, and what to do when things fail.
+
+    Args:
+        jobs: every chunk of the run, in plan order (a chunk after the one it continues from).
+        rules: retry, blocklist, queue and timeout policy.
+        clock: seconds, monotonic; the farm passes ``time.monotonic``, tests and the
+            simulator their own.
+        done: keys already committed (not rendered; their dependants are ready).
+        blocklist: nodes blocklisted earlier in the same farm's life (updated in place).
+        node_failures: failures per node so far (updated in place).
+    """
+
+    def __init__(self, jobs: Iterable[Job], rules: Rules, *, clock: Callable[[], float],
+                 done: Iterable[str] = (), blocklist: set[str] | None = None,
+                 node_failures: dict[str, int] | None = None) -> None:
+        self.rules = rules
+        self.clock = clock
+        self.jobs = {j.key: j for j in jobs}
+        self.done: set[str] = set(done)
+        self.blocklist = blocklist if blocklist is not None else set()
+        self.node_failures = node_failures if node_failures is not None else {}
+        self.rendered: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.failed_shots: dict[str, str] = {}
+        self.rerendered: set[str] = set()
+        self.retries = 0
+        self.workers: dict[str, _Worker] = {}
+        self.nodes: dict[str, tuple[int, bool]] = {}  # node -> (slots, gpu)
+        self._spawning: dict[str, int] = {}
+        self._chain = chain_estimates(self.jobs.values())
+        self._ready: list[tuple[float, int, _Task]] = []
+        self._waiting: dict[str, list[_Task]] = {}
+        self._seq = itertools.count()
+        self._out: list[Decision] = []
+        self.remaining = 0
+        for job in self.jobs.values():
+            if job.key not in self.done:
+                self._add(_Task(job, self._chain[job.key]))
+
+    # --- public ---------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        """Nothing left to render or wait for."""
+        return self.remaining <= 0
+
+    def alive(self) -> list[str]:
+        return [w.wid for w in self.workers.values() if w.alive]
+
+    def running(self) -> dict[str, str]:
+        """Worker -> key of the chunk it is running now."""
+        return {w.wid: w.queue[0].job.key for w in self.workers.values() if w.alive and w.queue}
+
+    def on(self, event: Event) -> list[Decision]:
+        """Apply one event; return the decisions it leads to, in order."""
+        handler = getattr(self, "_on_" + type(event).__name__)
+        handler(event)
+        if not self.finished:
+            self._dispatch()
+            self._check_capacity()
+        out, self._out = self._out, []
+        return out
+
+    # --- events ---------------------------------------------------------------------------
+    def _on_NodeUp(self, e: NodeUp) -> None:  # noqa: N802 - named after the event
+        self.nodes[e.node] = (e.slots, e.gpu)
+        self._fill_slots()
+
+    def _on_NodeDown(self, e: NodeDown) -> None:  # noqa: N802
+        self.nodes.pop(e.node, None)
+        self._spawning.pop(e.node, None)
+        for w in list(self.workers.values()):
+            if w.alive and w.node == e.node:
+                self._lose(w, cause=WorkerLostError(f"{w.wid}: node {e.node} left the cluster"))
+        self._fill_slots()
+
+    def _on_WorkerReady(self, e: WorkerReady) -> None:  # noqa: N802
+        if self._spawning.get(e.node):
+            self._spawning[e.node] -= 1
+        self.workers[e.worker] = _Worker(e.worker, e.node, model=e.holds, started=e.holds is not None)
+
+    def _on_ChunkDone(self, e: ChunkDone) -> None:  # noqa: N802
+        head = self._pop_head(e.worker, e.key)
+        if head is None:
+            return
+        _, task = head
+        key = task.job.key
+        self.done.add(key)
+        self.rendered.append(key)
+        self.remaining -= 1
+        for dep in self._waiting.pop(key, []):
+            self._make_ready(dep)
+
+    def _on_ChunkFailed(self, e: ChunkFailed) -> None:  # noqa: N802
+        head = self._pop_head(e.worker, e.key)
+        if head is None:
+            return
+        w, task = head
+        err = e.error
+        if isinstance(err, DependencyUnreadable):
+            self._rerender_dependency(task, err)
+        elif isinstance(err, BackendError) or not err.retryable:
+            self._fail(task, f"{type(err).__name__}: {err}")
+        else:
+            self._retry(task, err, w.wid)  # the chunk's failure, not the node's
+
+    def _on_WorkerDown(self, e: WorkerDown) -> None:  # noqa: N802
+        w = self.workers.get(e.worker)
+        if w is None or not w.alive:
+            return
+        logger.warning("worker %s lost: %s", w.wid, e.reason)
+        self._lose(w, cause=WorkerLostError(f"{w.wid}: {e.reason}" if e.reason else w.wid))
+        self._node_failed(w.node)
+        self._fill_slots()
+
+    def _on_Tick(self, e: Tick) -> None:  # noqa: N802
+        now = self.clock()
+        r = self.rules
+        for w in list(self.workers.values()):
+            if not (w.alive and w.queue):
+                continue
+            task = w.queue[0]
+            limit = max(r.timeout_floor_s, r.timeout_factor * task.job.est_s)
+            if task.loads:  # loading a model (and starting a worker) is not rendering
+                limit += r.load_timeout_s
+            if now - w.head_since > limit:
+                logger.warning("%s ran %.0f s (limit %.0f s) on %s: cancelled",
+                               task.job.name, now - w.head_since, limit, w.wid)
+                self._lose(w, cause=ChunkTimeout(f"{task.job.name} ran past {limit:.0f} s"), kill=True)
+                self._node_failed(w.node)
+                self._fill_slots()
+
+    # --- queue ----------------------------------------------------------------------------
+    def _add(self, task: _Task) -> None:
+        self.remaining += 1
+        dep = task.job.depends_on
+        if dep and dep not in self.done:
+            self._waiting.setdefault(dep, []).append(task)
+        else:
+            self._make_ready(task)
+
+    def _make_ready(self, task: _Task) -> None:
+        heapq.heappush(self._ready, (-task.priority, next(self._seq), task))
+
+    def _pop_head(self, wid: str, key: str) -> tuple[_Worker, _Task] | None:
+        """The worker and the chunk it ran; None for news of a worker already taken out."""
+        w = self.workers.get(wid)
+        if w is None or not w.alive or not w.queue or w.queue[0].job.key != key:
+            logger.debug("ignoring the result of %s from %s: no longer its running chunk", key, wid)
+            return None
+        task = w.queue.popleft()
+        w.head_since = self.clock()
+        return w, task
+
+    def _pick(self, w: _Worker, multi: bool) -> _Task | None:
+        """Best ready task for ``w``: its own model first, then the longest chain."""
+        ready = self._ready
+        if not ready:
+            return None
+        top = ready[0][2]
+        if (w.model is None or top.job.model == w.model) and not (multi and top.avoid == w.wid):
+            return heapq.heappop(ready)[2]  # the usual case: one model, O(log n)
+        allowed = [i for i, (_, _, t) in enumerate(ready) if not (multi and t.avoid == w.wid)]
+        if not allowed:
+            return None
+        same = [i for i in allowed if ready[i][2].job.model == w.model]
+        best = min(same or allowed, key=lambda i: ready[i][:2])
+        item = ready[best]
+        ready[best] = ready[-1]
+        ready.pop()
+        heapq.heapify(ready)
+        return item[2]
+
+    def _dispatch(self) -> None:
+        multi = len(self.alive()) > 1
+        for w in self.workers.values():
+            if not self._ready:
+                return
+            while w.alive and len(w.queue) < self.rules.queue_depth:
+                task = self._pick(w, multi)
+                if task is None:
+                    break
+                self._submit(w, task)
+
+    def _submit(self, w: _Worker, task: _Task) -> None:
+        task.attempts += 1
+        task.loads = w.model != task.job.model or not w.started
+        w.model = task.job.model
+        w.started = True
+        if not w.queue:
+            w.head_since = self.clock()
+        w.queue.append(task)
+        self._out.append(Submit(task.job.key, w.wid, task.attempts, task.low_memory, task.loads))
+
+    # --- failures -------------------------------------------------------------------------
+    def _fail(self, task: _Task, error: str) -> None:
+        job = task.job
+        self.failed[job.key] = error
+        self.failed_shots.setdefault(job.shot, f"{job.name}: {error}")
+        self.remaining -= 1
+        self._out.append(Fail(job.key, error, task.attempts))
+        for dep in self._waiting.pop(job.key, []):  # chunks that continue from it cannot start
+            self._fail(dep, f"blocked: {job.name} failed")
+
+    def _retry(self, task: _Task, error: FarmError, wid: str | None) -> None:
+        if task.attempts >= self.rules.max_attempts:
+            self._fail(task, f"{type(error).__name__} after {task.attempts} attempts: {error}")
+            return
+        self.retries += 1
+        task.avoid = wid
+        if isinstance(error, GpuOutOfMemory):
+            task.low_memory = True
+        self._out.append(Requeue(task.job.key, f"{type(error).__name__}: {error}"))
+        self._make_ready(task)
+
+    def _rerender_dependency(self, task: _Task, error: DependencyUnreadable) -> None:
+        """The chunk ``task`` continues from is unreadable: render it again, then ``task``."""
+        dep = error.key
+        task.attempts -= 1  # not this chunk's fault
+        if dep in self.rerendered or dep not in self.jobs:
+            self._fail(task, f"{type(error).__name__}: {error}")
+            return
+        logger.warning("%s: rendering its dependency %s again (%s)", task.job.name, dep, error)
+        self.rerendered.add(dep)
+        self.done.discard(dep)
+        self._add(_Task(self.jobs[dep], self._chain[dep]))
+        self._waiting.setdefault(dep, []).append(task)
+
+    def _lose(self, w: _Worker, *, cause: FarmError | None, kill: bool = False,
+              counts: bool = True) -> None:
+        """Take ``w`` out; the running chunk is retried (an attempt), the queued ones go back."""
+        if not w.alive:
+            return
+        w.alive = False
+        if kill:
+            self._out.append(Kill(w.wid, str(cause) if cause else "blocklisted"))
+        first = True
+        while w.queue:
+            task = w.queue.popleft()
+            if first and counts and cause is not None:
+                self._retry(task, cause, w.wid)
+            else:
+                task.attempts -= 1
+                self._make_ready(task)
+            first = False
+
+    def _node_failed(self, node: str) -> None:
+        """Count a failure the node caused (a lost worker, a hung chunk).
+
+        The last node that can take work is never blocklisted: that would fail every
+        chunk left, where carrying on may still finish most of them.
+        """
+        self.node_failures[node] = self.node_failures.get(node, 0) + 1
+        others = {w.node for w in self.workers.values() if w.alive} - {node}
+        if (self.node_failures[node] >= self.rules.node_failure_limit and node not in self.blocklist
+                and others):
+            logger.warning("node %s failed %d chunks: blocklisted for this run", node,
+                           self.node_failures[node])
+            self.blocklist.add(node)
+            for w in list(self.workers.values()):
+                if w.alive and w.node == node:
+                    self._lose(w, cause=None, kill=True, counts=False)
+
+    # --- capacity -------------------------------------------------------------------------
+    def _fill_slots(self) -> None:
+        """Spawn workers until every known, non-blocklisted node has its share."""
+        have: dict[str, int] = {}
+        for w in self.workers.values():
+            if w.alive:
+                have[w.node] = have.get(w.node, 0) + 1
+        for node, (slots, gpu) in self.nodes.items():
+            if node in self.blocklist:
+                continue
+            for _ in range(slots - have.get(node, 0) - self._spawning.get(node, 0)):
+                self._spawning[node] = self._spawning.get(node, 0) + 1
+                self._out.append(Spawn(node, gpu))
+
+    def _check_capacity(self) -> None:
+        """Fail what can never run rather than wait forever.
+
+        No worker alive and none coming: every chunk left fails. Nothing ready and nothing
+        running while chunks still wait: their dependencies will never come.
+        """
+        alive = self.alive()
+        if not alive and not any(self._spawning.values()) and self.workers:
+            for _, _, task in list(self._ready):
+                self._fail(task, "no worker left: every node is lost or blocklisted")
+            self._ready.clear()
+        elif self._ready or any(self.workers[w].queue for w in alive):
+            return
+        for key in list(self._waiting):
+            for t in self._waiting.pop(key, []):
+                self._fail(t, f"blocked: dependency {self.jobs[key].name if key in self.jobs else key} "
+                              "never rendered")
