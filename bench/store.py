@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from reelfarm.cluster.store import ChunkStore, decode_frames, encode_frames
+from reelfarm.cluster.store import ChunkStore
+from reelfarm.render.codec import decode_frames, encode_frames
 from reelfarm.render.base import ChunkOutput
 
 logger = logging.getLogger(__name__)

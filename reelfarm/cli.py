@@ -192,60 +192,34 @@ def _print_run(summary: dict) -> None:
         console.print(f"  {name}: {url}", highlight=False)
 
 
-def _run(spec_or_film, out: str, settings, use_prefect: bool) -> int:
-    """Render a film (spec URL or loaded Film) or a campaign; returns the exit code."""
-    from reelfarm.flows.render import render_spec
-    from reelfarm.schemas.film import Film
+def _run(job, settings, use_prefect: bool, *, spec: str | None = None) -> int:
+    """Run a job (render ``spec``, or resume OUT when ``spec`` is None); returns the exit code.
 
-    if use_prefect and isinstance(spec_or_film, str):
-        from reelfarm.flows.film import render_campaign_flow, render_film_flow
-        from reelfarm.schemas.loader import LoadedCampaign
-
-        loaded = _load(spec_or_film)  # bad input: exit 2 before Prefect or Ray start
-        flow_fn = render_campaign_flow if isinstance(loaded, LoadedCampaign) else render_film_flow
-        if settings.storage_options:
-            # Credentials must not become flow parameters (Prefect stores those): the flow
-            # reads them from the environment instead.
-            os.environ["REELFARM_STORAGE_OPTIONS"] = json.dumps(settings.storage_options)
-            settings = settings.model_copy(update={"storage_options": {}})
-        state = flow_fn(spec_or_film, out, settings, return_state=True)
-        try:
-            result = state.result(raise_on_failure=True)
-        except FarmError as e:
-            _print_status(out, settings)
-            err_console.print(f"[bold red]run failed:[/] {e}", highlight=False, markup=False)
-            return 1
-        if isinstance(loaded, LoadedCampaign):
-            for cell, summary in result["cells"].items():
-                console.print(f"[bold]cell {cell}[/]")
-                _print_run(summary)
-        else:
-            _print_run(result)
-        return 0
-    film = spec_or_film if isinstance(spec_or_film, Film) else _load(spec_or_film)
-    if not isinstance(film, Film):
-        raise typer.BadParameter("campaigns render through Prefect; drop --no-prefect")
-    from reelfarm.flows.film import run_summary
+    With Prefect the run is recorded as a flow; without, the same run function is called.
+    """
+    from reelfarm.flows.render import run_job, run_summary
 
     try:
-        result = render_spec(film, out, settings)
+        if use_prefect:
+            from reelfarm.flows.film import record_run, render_campaign_flow, render_film_flow, resume_flow
+
+            flow_fn = render_campaign_flow if job.is_campaign else render_film_flow
+            summary = (record_run(flow_fn, spec, job.out_url, settings) if spec
+                       else record_run(resume_flow, job.out_url, settings))
+        else:
+            results = run_job(job, settings)
+            cells = {cell: run_summary(r) for cell, r in results.items()}
+            summary = {"cells": cells} if job.is_campaign else cells[""]
     except SpecError as e:
         raise _fail(e) from None
     except FarmError as e:
         raise _fail(e, code=1) from None
-    _print_run(run_summary(result))
-    return result.exit_code
-
-
-def _print_status(out: str, settings) -> None:
-    from reelfarm.cluster.store import ChunkStore
-
-    data = ChunkStore(out, storage_options=settings.storage_options).read_bytes("status.json")
-    if data:
-        doc = json.loads(data)
-        for shot in doc.get("shots", []):
-            if shot["status"] != "ok":
-                err_console.print(f"  shot {shot['shot']}: {shot['error']}", highlight=False, markup=False)
+    cells = summary["cells"] if "cells" in summary else {"": summary}
+    for cell, cell_summary in cells.items():
+        if cell:
+            console.print(f"[bold]cell {cell}[/]", highlight=False)
+        _print_run(cell_summary)
+    return max(0 if c["ok"] else 1 for c in cells.values())
 
 
 @app.command()
@@ -260,8 +234,11 @@ def render(
     prefect: PrefectOpt = True,
 ) -> None:
     """Render a film or campaign on Ray (an embedded local instance unless --address)."""
+    from reelfarm.flows.render import RunJob
+
     settings = _settings(address, workers, chunk_delay, storage_option, dashboard_host)
-    raise typer.Exit(_run(spec, out, settings, prefect))
+    job = RunJob.from_loaded(_load(spec), out, spec)  # bad input: exit 2 before Prefect or Ray start
+    raise typer.Exit(_run(job, settings, prefect, spec=spec))
 
 
 @app.command()
@@ -271,28 +248,17 @@ def resume(
     workers: WorkersOpt = None,
     chunk_delay: DelayOpt = None,
     storage_option: StorageOpt = None,
+    prefect: PrefectOpt = True,
 ) -> None:
     """Finish an interrupted film or campaign run: renders only the chunks storage lacks."""
-    from reelfarm.flows.film import run_summary
-    from reelfarm.flows.render import load_run, render_cells
+    from reelfarm.flows.render import resume_job
 
     settings = _settings(address, workers, chunk_delay, storage_option, None)
     try:
-        run = load_run(out, settings.storage_options)
+        job = resume_job(out, settings.storage_options)  # no run there: exit 2, nothing started
     except FarmError as e:
         raise _fail(e) from None
-    if not isinstance(run, list):
-        raise typer.Exit(_run(run, out, settings, False))
-    try:
-        results = render_cells(run, out, settings)
-    except SpecError as e:
-        raise _fail(e) from None
-    except FarmError as e:
-        raise _fail(e, code=1) from None
-    for cell, result in results.items():
-        console.print(f"[bold]cell {cell}[/]", highlight=False)
-        _print_run(run_summary(result))
-    raise typer.Exit(max(r.exit_code for r in results.values()))
+    raise typer.Exit(_run(job, settings, prefect))
 
 
 @app.command()
@@ -335,7 +301,9 @@ def demo(
     console.print(f"[bold]reelfarm demo[/]: {spec} -> {out}", highlight=False)
     plan_cmd(spec, as_json=False, gpu_hour_price=2.5)
     settings = _settings(None, workers, None, None, None)
-    raise typer.Exit(_run(spec, out, settings, True))
+    from reelfarm.flows.render import RunJob
+
+    raise typer.Exit(_run(RunJob.from_loaded(_load(spec), out, spec), settings, True, spec=spec))
 
 
 @app.command()

@@ -102,9 +102,23 @@ class ChunkTimeout(RenderError):
 
 
 class StoreError(FarmError):
-    """A chunk in storage is missing, partial or fails its checksum."""
+    """A chunk in storage is missing, partial or fails its checksum.
+
+    Args:
+        message: what went wrong.
+        keys: the content keys of the chunks found missing or corrupt (may be empty when
+            the problem is not one chunk's, e.g. a lost connection).
+    """
 
     retryable = True
+
+    def __init__(self, message: str, keys: tuple[str, ...] | list[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.keys = tuple(keys)
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.keys))
 
 
 class DependencyUnreadable(StoreError):
@@ -116,8 +130,7 @@ class DependencyUnreadable(StoreError):
     """
 
     def __init__(self, message: str, key: str) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, (key,))
         self.key = key
 
     def __reduce__(self):

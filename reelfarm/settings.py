@@ -47,4 +47,5 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(600.0, gt=0.0)
     manifest_flush_s: float = Field(2.0, ge=0.0)
     chunk_delay_s: float = Field(0.0, ge=0.0)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    # Excluded from dumps: credentials never become Prefect flow parameters (stored in its DB).
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)

@@ -20,12 +20,9 @@ deletes committed data.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import json
 import logging
-import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -34,11 +31,11 @@ from fractions import Fraction
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from reelfarm.errors import StoreError
+from reelfarm.render.codec import check_frames, decode_frames, encode_frames, ffv1_pix_fmt
+from reelfarm.storage import Location
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChunkRecord", "ChunkStore", "decode_frames", "encode_frames"]
+__all__ = ["ChunkRecord", "ChunkStore"]
 
 COMMIT_VERSION = 1
 COMMIT_NAME = "COMMIT.json"
@@ -59,112 +56,6 @@ _ATTEMPT_FILES = (FRAMES_NAME, LATENTS_NAME, SIDECAR_NAME)
 
 _KEY_RE = re.compile(r"[0-9a-f]{16,64}")
 _ATTEMPT_RE = re.compile(r"[0-9a-f]{32}")
-# The frame rate written into the container. The store keeps frames, not timing: the plan
-# owns the film's frame rate, and stitching sets it again.
-_CONTAINER_RATE = 24
-
-
-# ---------------------------------------------------------------------------------------
-# Frames codec: FFV1 in Matroska, in memory, bit-exact RGB
-# ---------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _ffv1_pix_fmt() -> str:
-    """``gbrp`` where this FFmpeg's FFV1 encoder takes 8-bit planar RGB, else ``bgr0``."""
-    import av
-
-    formats = {f.name for f in (av.codec.Codec("ffv1", "w").video_formats or ())}
-    return "gbrp" if "gbrp" in formats else "bgr0"
-
-
-def encode_frames(frames: np.ndarray, *, rate: int = _CONTAINER_RATE) -> bytes:
-    """Encode ``T x H x W x 3`` uint8 RGB frames losslessly (FFV1 in Matroska).
-
-    Args:
-        frames: the frames, uint8 RGB.
-        rate: frame rate written into the container.
-
-    Returns:
-        The Matroska file as bytes.
-    """
-    import av
-
-    _check_frames(frames)
-    num_frames, height, width, _ = frames.shape
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="matroska") as container:
-        stream = container.add_stream("ffv1", rate=rate)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = _ffv1_pix_fmt()
-        # Version 3 codes slices independently (so both cores work) and CRCs each slice.
-        stream.codec_context.options = {"level": "3", "slicecrc": "1"}
-        stream.codec_context.thread_type = "SLICE"
-        for i in range(num_frames):
-            # The encoder converts rgb24 to its planar/padded RGB format: a pure reshuffle.
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return buf.getvalue()
-
-
-def decode_frames(data: bytes, *, num_frames: int | None = None) -> np.ndarray:
-    """Decode what :func:`encode_frames` wrote back to ``T x H x W x 3`` uint8 RGB.
-
-    Args:
-        data: the Matroska file.
-        num_frames: the expected frame count, when known: frames are then decoded straight
-            into one array (no second copy), and any other count is an error.
-
-    Raises:
-        ValueError: no frames, or not ``num_frames`` of them; ``av`` errors for a bad file.
-    """
-    import av
-
-    out: np.ndarray | None = None
-    pending: list[np.ndarray] = []
-    count = 0
-    with av.open(io.BytesIO(data), mode="r", format="matroska") as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            rgb = _rgb_view(frame)
-            if num_frames is None:
-                pending.append(rgb)  # views keep their frames alive until the stack
-            else:
-                if count >= num_frames:
-                    raise ValueError(f"more than the {num_frames} frames expected")
-                if out is None:
-                    out = np.empty((num_frames, *rgb.shape), np.uint8)
-                out[count] = rgb
-            count += 1
-    if count == 0:
-        raise ValueError("no video frames in the file")
-    if num_frames is None:
-        return np.stack(pending)
-    if count != num_frames or out is None:
-        raise ValueError(f"{count} frames, {num_frames} expected")
-    return out
-
-
-def _rgb_view(frame: Any) -> np.ndarray:
-    """``H x W x 3`` RGB of a decoded frame; a view into it where the format allows."""
-    if frame.format.name == "bgr0":
-        # Fast path: view the packed B,G,R,pad plane and reorder in numpy.
-        plane = frame.planes[0]
-        packed = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
-        return packed[:, : frame.width * 4].reshape(frame.height, frame.width, 4)[..., 2::-1]
-    return frame.to_ndarray(format="rgb24")
-
-
-def _check_frames(frames: Any) -> None:
-    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
-        raise ValueError(
-            f"`frames` must be a uint8 numpy array, got {type(frames).__name__}"
-            f"{'' if not isinstance(frames, np.ndarray) else ' of ' + str(frames.dtype)}"
-        )
-    if frames.ndim != 4 or frames.shape[3] != 3 or 0 in frames.shape:
-        raise ValueError(f"`frames` must be T x H x W x 3 with T, H, W > 0, got {frames.shape}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,23 +67,6 @@ def _check_key(key: Any) -> str:
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise ValueError(f"`key` must be 16 to 64 lowercase hex digits, got {key!r}")
     return key
-
-
-def _check_relpath(relpath: Any) -> str:
-    """A relative path under the root: no scheme, no ``..``, no absolute or odd paths."""
-    bad = (
-        not isinstance(relpath, str)
-        or not relpath
-        or relpath.startswith("/")
-        or "\\" in relpath
-        or "\x00" in relpath
-        or "://" in relpath
-        or "::" in relpath
-        or any(part in ("", ".", "..") for part in relpath.split("/"))
-    )
-    if bad:
-        raise ValueError(f"`relpath` must be a plain relative path under the root, got {relpath!r}")
-    return relpath
 
 
 def _json_default(value: Any) -> Any:
@@ -243,123 +117,21 @@ class ChunkRecord:
     has_latents: bool
 
 
-class ChunkStore:
-    """Chunk outputs and identity bundles under one root, on any fsspec URL or local path.
+class ChunkStore(Location):
+    """Committed chunk outputs and identity bundles under one root (``OUT``).
 
-    The store pickles as its URL and storage options and re-creates its filesystem lazily,
-    so Ray workers and other processes can use it as they receive it.
+    Commit, read and verify; nothing else. Run documents (film, status, manifest) belong
+    to :class:`reelfarm.cluster.outdir.OutputFolder`; the frames codec to
+    :mod:`reelfarm.render.codec`.
 
     Args:
         root_url: the run's output root ``OUT``: ``s3://bucket/run``, ``memory://run``, a path...
         storage_options: passed to the fsspec filesystem (credentials, endpoint...).
     """
 
-    def __init__(self, root_url: str, *, storage_options: dict[str, Any] | None = None) -> None:
-        if not isinstance(root_url, str) or not root_url:
-            raise ValueError(f"`root_url` must be a non-empty string, got {root_url!r}")
-        self.root_url = root_url
-        self.storage_options = dict(storage_options or {})
-        self._fs: fsspec.AbstractFileSystem | None = None
-        self._root_path = ""
-        fs = self.fs  # fail early on an unknown protocol or bad options
-        if isinstance(fs, LocalFileSystem):
-            # An absolute path: workers and other processes may run in another folder.
-            self.root_url = self.root = self._root_path
-        else:
-            self.root = root_url.rstrip("/")  # kept as given, so chained URLs survive
-
-    # --- pickling: URL and options only; the filesystem is rebuilt on first use ---------
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "root_url": self.root_url,
-            "storage_options": self.storage_options,
-            "root": self.root,
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.root_url = state["root_url"]
-        self.storage_options = state["storage_options"]
-        self.root = state["root"]
-        self._fs = None
-        self._root_path = ""
-
-    def __repr__(self) -> str:
-        return f"ChunkStore({self.root!r})"
-
-    @property
-    def fs(self) -> fsspec.AbstractFileSystem:
-        """The fsspec filesystem, created on first use in each process."""
-        if self._fs is None:
-            fs, path = fsspec.core.url_to_fs(self.root_url, **self.storage_options)
-            self._fs, self._root_path = fs, path.rstrip("/")
-        return self._fs
-
-    def _path(self, *parts: str) -> str:
-        """Filesystem path (no protocol) of ``parts`` under the root."""
-        if self._fs is None:
-            self.fs  # noqa: B018 - builds the filesystem and _root_path
-        return "/".join([self._root_path, *parts])
-
-    @property
-    def _local(self) -> bool:
-        return isinstance(self.fs, LocalFileSystem)
-
-    # --- URLs ------------------------------------------------------------------------------
-
-    def url(self, *parts: str) -> str:
-        """URL of ``parts`` joined under the root (a plain absolute path for local roots)."""
-        return "/".join([self.root, *parts])
-
     def chunk_url(self, key: str) -> str:
         """URL of the chunk folder ``OUT/chunks/<key>``."""
         return self.url("chunks", _check_key(key))
-
-    # --- small files -------------------------------------------------------------------------
-
-    def write_bytes_atomic(self, relpath: str, data: bytes) -> str:
-        """Write a small file so readers see the old content or the new, never a part.
-
-        One PUT on object stores; a temporary file, fsync and ``os.replace`` on a local disk.
-
-        Returns:
-            The file's URL.
-        """
-        _check_relpath(relpath)
-        self._put_atomic(self._path(relpath), bytes(data))
-        return self.url(relpath)
-
-    def read_bytes(self, relpath: str) -> bytes | None:
-        """The content of ``relpath`` under the root, or None when it does not exist."""
-        _check_relpath(relpath)
-        try:
-            return self.fs.cat_file(self._path(relpath))
-        except FileNotFoundError:
-            return None
-
-    def _put_atomic(self, path: str, data: bytes) -> None:
-        if not self._local:
-            self.fs.pipe_file(path, data)
-            return
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-    def _put(self, path: str, data: bytes) -> None:
-        """Write a file inside an attempt folder: nobody reads it before the commit."""
-        if self._local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.fs.pipe_file(path, data)
 
     # --- identities --------------------------------------------------------------------------
 
@@ -407,13 +179,13 @@ class ChunkStore:
         except (ValueError, KeyError, TypeError, AttributeError):
             valid = False
         if not valid:
-            raise StoreError(f"chunk `{key}` has an invalid {COMMIT_NAME} at {self.chunk_url(key)}")
+            raise StoreError(f"chunk `{key}` has an invalid {COMMIT_NAME} at {self.chunk_url(key)}", keys=(key,))
         return commit
 
     def _require_commit(self, key: str) -> dict[str, Any]:
         commit = self._load_commit(_check_key(key))
         if commit is None:
-            raise StoreError(f"chunk `{key}` is missing: no {COMMIT_NAME} at {self.chunk_url(key)}")
+            raise StoreError(f"chunk `{key}` is missing: no {COMMIT_NAME} at {self.chunk_url(key)}", keys=(key,))
         return commit
 
     def _record(self, key: str, commit: dict[str, Any]) -> ChunkRecord:
@@ -450,18 +222,15 @@ class ChunkStore:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
             raise StoreError(
-                f"chunk `{key}` is partial: `{name}` of attempt {commit['attempt']} is missing"
-            ) from None
+                f"chunk `{key}` is partial: `{name}` of attempt {commit['attempt']} is missing", keys=(key,)) from None
         if len(data) != spec["size"]:
             raise StoreError(
                 f"chunk `{key}` is partial: `{name}` of attempt {commit['attempt']} has "
-                f"{len(data)} bytes, the commit says {spec['size']}"
-            )
+                f"{len(data)} bytes, the commit says {spec['size']}", keys=(key,))
         if _sha256(data) != spec["sha256"]:
             raise StoreError(
                 f"chunk `{key}` fails its checksum: `{name}` of attempt {commit['attempt']} "
-                f"has sha256 {_sha256(data)}, the commit says {spec['sha256']} (checksum mismatch)"
-            )
+                f"has sha256 {_sha256(data)}, the commit says {spec['sha256']} (checksum mismatch)", keys=(key,))
         return data
 
     def _check(self, key: str, *, verify: bool) -> dict[str, Any]:
@@ -482,8 +251,7 @@ class ChunkStore:
                 raise StoreError(
                     f"chunk `{key}` is partial: `{name}` of attempt {commit['attempt']} "
                     f"{'is missing' if size is None else f'has {size} bytes'}, "
-                    f"the commit says {spec['size']}"
-                )
+                    f"the commit says {spec['size']}", keys=(key,))
         return commit
 
     def is_complete(self, key: str, *, verify: bool = False) -> bool:
@@ -518,7 +286,7 @@ class ChunkStore:
         """
         # 1. Check inputs and encode everything in memory.
         _check_key(key)
-        _check_frames(output.frames)
+        check_frames(output.frames)
         num_frames, height, width, _ = output.frames.shape
         sidecar = {**(output.meta or {}), **(meta or {})}
         try:
@@ -541,8 +309,7 @@ class ChunkStore:
                 if size != len(data):
                     raise StoreError(
                         f"chunk `{key}`: `{name}` of attempt {attempt} has {size} bytes "
-                        f"after writing {len(data)}"
-                    )
+                        f"after writing {len(data)}", keys=(key,))
         except BaseException:
             # Uncommitted and unique to us: safe to remove. Never after the commit starts.
             try:
@@ -562,7 +329,7 @@ class ChunkStore:
             "height": height,
             "codec": "ffv1",
             "container": "matroska",
-            "pix_fmt": _ffv1_pix_fmt(),
+            "pix_fmt": ffv1_pix_fmt(),
             "committed_at": datetime.now(UTC).isoformat(),
         }
         self._put_atomic(
@@ -583,12 +350,11 @@ class ChunkStore:
         try:
             frames = decode_frames(data, num_frames=commit["num_frames"])
         except Exception as err:
-            raise StoreError(f"chunk `{key}` is undecodable: {type(err).__name__}: {err}") from None
+            raise StoreError(f"chunk `{key}` is undecodable: {type(err).__name__}: {err}", keys=(key,)) from None
         expected = (commit["num_frames"], commit["height"], commit["width"], 3)
         if frames.shape != expected:
             raise StoreError(
-                f"chunk `{key}` is undecodable: decoded {frames.shape}, the commit says {expected}"
-            )
+                f"chunk `{key}` is undecodable: decoded {frames.shape}, the commit says {expected}", keys=(key,))
         return frames
 
     def read_latents(self, key: str) -> torch.Tensor | None:
@@ -603,8 +369,7 @@ class ChunkStore:
             return load(data)["latents"]
         except Exception as err:
             raise StoreError(
-                f"chunk `{key}` has undecodable latents: {type(err).__name__}: {err}"
-            ) from None
+                f"chunk `{key}` has undecodable latents: {type(err).__name__}: {err}", keys=(key,)) from None
 
     def read_sidecar(self, key: str) -> dict[str, Any]:
         """The committed sidecar (``chunk.json``) of ``key``: the meta given at write time."""
@@ -613,7 +378,7 @@ class ChunkStore:
         try:
             return json.loads(data)
         except ValueError as err:
-            raise StoreError(f"chunk `{key}` has an undecodable sidecar: {err}") from None
+            raise StoreError(f"chunk `{key}` has an undecodable sidecar: {err}", keys=(key,)) from None
 
 
 def _latents_to_bytes(latents: Any, *, key: str) -> bytes:

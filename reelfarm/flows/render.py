@@ -1,42 +1,50 @@
-"""Render a film or campaign end to end: the plain functions the Prefect flows and CLI call.
+"""Run a film or a campaign end to end: the one plain run function the CLI and Prefect call.
 
-validate -> plan -> (farm: identities, chunks) -> stitch -> manifest and report.
-Nothing here imports Prefect; :mod:`reelfarm.flows.film` wraps these steps in a flow.
+    job (film, campaign cells, or OUT to resume) -> run_job:
+        write run documents -> one farm for every cell -> per cell: plan, render the
+        missing chunks, stitch the deliverables, write status and manifest
+
+Nothing here imports Prefect. :mod:`reelfarm.flows.film` decorates :func:`run_job` as
+flows and passes :class:`Stages` whose steps are Prefect tasks; that is all Prefect adds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from reelfarm.cluster.farm import Farm, RenderSummary
 from reelfarm.cluster.manifest import ManifestWriter
+from reelfarm.cluster.outdir import CAMPAIGN_DOC, FILM_DOC, OutputFolder
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.errors import SpecError, StoreError
 from reelfarm.flows.plan import plan_film
 from reelfarm.schemas.film import Film
+from reelfarm.schemas.loader import LoadedCampaign
 from reelfarm.schemas.plan import RenderPlan
 from reelfarm.settings import Settings
 
 __all__ = [
     "CAMPAIGN_DOC",
     "FILM_DOC",
+    "RunJob",
     "RunResult",
+    "Stages",
     "load_run",
     "load_run_film",
     "new_run_id",
     "render_cells",
     "render_plan",
     "render_spec",
+    "run_job",
+    "run_summary",
 ]
 
 logger = logging.getLogger(__name__)
-FILM_DOC = "film.json"  # the resolved film, kept in OUT so `reelfarm resume OUT` needs nothing else
-CAMPAIGN_DOC = "campaign.json"  # a campaign's cells, each with OUT/<cell>/film.json
 STITCH_ROUNDS = 3  # stitching finds a corrupt chunk -> render it again -> stitch again
 
 
@@ -62,14 +70,94 @@ class RunResult:
                 for s in self.plan.shots]
 
 
+def run_summary(result: RunResult) -> dict[str, Any]:
+    """A JSON-able summary of a run (what flows return and the CLI prints)."""
+    s = result.summary
+    return {
+        "run_id": result.run_id,
+        "out": result.out_url,
+        "ok": s.ok,
+        "exit_code": result.exit_code,
+        "chunks": len(result.plan.chunks),
+        "rendered": len(s.rendered),
+        "cached": len(s.cached),
+        "failed": len(s.failed),
+        "failed_shots": dict(s.failed_shots),
+        "model_loads": s.model_loads,
+        "identity_encodes": s.identity_encodes,
+        "nodes_used": len(s.nodes_used),
+        "outputs": result.outputs,
+    }
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def _join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts if p]])
+# --- what to run -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunJob:
+    """A film (one cell named ``""``) or a campaign's cells, into one OUT.
+
+    Attributes:
+        out_url: OUT, any fsspec URL.
+        cells: ``(cell id, film)``; a film's only cell is ``""`` and writes to OUT itself.
+        campaign: the campaign's title and spec URL, for ``OUT/campaign.json``.
+    """
+
+    out_url: str
+    cells: tuple[tuple[str, Film], ...]
+    campaign: tuple[str, str] | None = None
+
+    @classmethod
+    def film(cls, film: Film, out_url: str) -> RunJob:
+        return cls(out_url, (("", film),))
+
+    @classmethod
+    def from_loaded(cls, loaded: Film | LoadedCampaign, out_url: str, spec: str) -> RunJob:
+        """A job from what ``load_spec`` returned."""
+        if isinstance(loaded, Film):
+            return cls.film(loaded, out_url)
+        return cls(out_url, tuple((c.cell_id, c.film) for c in loaded.cells),
+                   (loaded.campaign.campaign, spec))
+
+    @property
+    def is_campaign(self) -> bool:
+        return self.campaign is not None or any(cell for cell, _ in self.cells)
 
 
+def load_run(out_url: str, storage_options: dict[str, Any] | None = None
+             ) -> Film | list[tuple[str, Film]]:
+    """What a run in ``out_url`` renders: its film, or a campaign's ``(cell, film)`` list."""
+    out = OutputFolder(out_url, storage_options=storage_options)
+    doc = out.read_campaign()
+    if doc is None:
+        return out.read_film()
+    cells = []
+    for cell in doc["cells"]:
+        try:
+            cells.append((cell, out.cell(cell).read_film()))
+        except SpecError:
+            raise SpecError.single(f"{out_url}/{cell}/{FILM_DOC}",
+                                   f"campaign cell {cell!r} has no film.json") from None
+    return cells
+
+
+def load_run_film(out_url: str, storage_options: dict[str, Any] | None = None) -> Film:
+    """The film a run in ``out_url`` was started with (for ``reelfarm resume OUT``)."""
+    return OutputFolder(out_url, storage_options=storage_options).read_film()
+
+
+def resume_job(out_url: str, storage_options: dict[str, Any] | None = None) -> RunJob:
+    """The job a run in ``out_url`` was started with, to finish it."""
+    run = load_run(out_url, storage_options)
+    if isinstance(run, Film):
+        return RunJob.film(run, out_url)
+    doc = OutputFolder(out_url, storage_options=storage_options).read_campaign() or {}
+    return RunJob(out_url, tuple(run), (doc.get("campaign", ""), doc.get("spec", "")))
+
+
+# --- one cell --------------------------------------------------------------------------------
 def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str, run_id: str,
                 formats: tuple[str, ...] = ("mp4",), crf: int = 18, prefix: str = "",
                 settings: Settings | None = None) -> RunResult:
@@ -80,45 +168,46 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
     """
     settings = settings or farm.settings
     manifest = ManifestWriter(store, plan, run_id, flush_s=settings.manifest_flush_s, prefix=prefix)
+    out = OutputFolder(out_url, storage_options=store.storage_options)
     summary = farm.render(plan, manifest)
     result = RunResult(run_id=run_id, out_url=out_url, plan=plan, summary=summary)
+    if summary.ok:
+        _stitch(result, farm, store, manifest, formats=formats, crf=crf)
     if not summary.ok:
         _partial(plan, store, out_url, result, crf)
-        manifest.flush(force=True)
-        _write_status(store, prefix, result)
-        return result
+    manifest.flush(force=True)
+    out.write_status(_status_doc(result))
+    return result
 
+
+def _stitch(result: RunResult, farm: Farm, store: ChunkStore, manifest: ManifestWriter, *,
+            formats: tuple[str, ...], crf: int) -> None:
+    """Stitch; a chunk found missing or corrupt is rendered again and stitching retried."""
     from reelfarm.render.stitch import stitch_film
 
+    plan, summary = result.plan, result.summary
     for round_ in range(STITCH_ROUNDS):
         try:
-            stitched = stitch_film(plan, store, out_url, formats=formats, crf=crf,
+            stitched = stitch_film(plan, store, result.out_url, formats=formats, crf=crf,
                                    manifest=manifest.table())
             break
         except StoreError as e:
-            # A chunk vanished or went corrupt since it was committed: render it again.
-            bad = _bad_keys(e, plan)
+            bad = set(e.keys) & {c.key for c in plan.chunks}
             if not bad or round_ == STITCH_ROUNDS - 1:
                 raise
             logger.warning("stitching found %d chunk(s) unreadable (%s): rendering again", len(bad), e)
             again = farm.render(plan, manifest, force=bad)
             summary.rendered.extend(again.rendered)
+            summary.cached = [k for k in summary.cached if k not in bad]
             summary.failed.update(again.failed)
             summary.failed_shots.update(again.failed_shots)
             if not again.ok:
-                _partial(plan, store, out_url, result, crf)
-                manifest.flush(force=True)
-                _write_status(store, prefix, result)
-                return result
+                return
     result.stitch = stitched
-    seams = getattr(stitched, "seam_scores", {}) or {}
     for shot in plan.shots:
-        for chunk, score in zip(shot.chunks[1:], seams.get(shot.shot_id, [])):
+        for chunk, score in zip(shot.chunks[1:], stitched.seam_scores.get(shot.shot_id, [])):
             manifest.update(chunk.key, seam_score=float(score))
-    manifest.flush(force=True)
-    result.outputs = dict(getattr(stitched, "outputs", {}) or {})
-    _write_status(store, prefix, result)
-    return result
+    result.outputs = dict(stitched.outputs)
 
 
 def _partial(plan: RenderPlan, store: ChunkStore, out_url: str, result: RunResult, crf: int) -> None:
@@ -135,14 +224,8 @@ def _partial(plan: RenderPlan, store: ChunkStore, out_url: str, result: RunResul
         logger.warning("could not write the good shots' clips: %s", e)
 
 
-def _bad_keys(error: StoreError, plan: RenderPlan) -> set[str]:
-    """The chunks a StoreError names (it names every key it found missing or corrupt)."""
-    text = str(error)
-    return {c.key for c in plan.chunks if c.key in text}
-
-
-def _write_status(store: ChunkStore, prefix: str, result: RunResult) -> None:
-    doc = {
+def _status_doc(result: RunResult) -> dict[str, Any]:
+    return {
         "run_id": result.run_id,
         "ok": result.summary.ok,
         "rendered": len(result.summary.rendered),
@@ -155,63 +238,76 @@ def _write_status(store: ChunkStore, prefix: str, result: RunResult) -> None:
         "outputs": result.outputs,
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
-    store.write_bytes_atomic(_join(prefix, "status.json") if prefix else "status.json",
-                             json.dumps(doc, indent=1).encode())
 
 
-def load_run_film(out_url: str, storage_options: dict[str, Any] | None = None) -> Film:
-    """The film a run in ``out_url`` was started with (for ``reelfarm resume OUT``)."""
-    store = ChunkStore(out_url, storage_options=storage_options)
-    data = store.read_bytes(FILM_DOC)
-    if data is None:
-        raise SpecError.single(f"{out_url}/{FILM_DOC}", "no reelfarm run here (film.json missing)")
-    return Film.model_validate_json(data)
+# --- the run ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stages:
+    """The steps of a run that a recorder (Prefect) may wrap; plain functions by default.
+
+    Attributes:
+        plan: ``Film -> RenderPlan``.
+        render: :func:`render_plan`'s signature: render and stitch one cell.
+        publish: called with each cell's result and its name (artifacts); no-op here.
+    """
+
+    plan: Callable[[Film], RenderPlan] = plan_film
+    render: Callable[..., RunResult] = render_plan
+    publish: Callable[[RunResult, str], None] = lambda result, name: None
 
 
-def load_run(out_url: str, storage_options: dict[str, Any] | None = None
-             ) -> Film | list[tuple[str, Film]]:
-    """What a run in ``out_url`` renders: its film, or a campaign's ``(cell, film)`` list."""
-    store = ChunkStore(out_url, storage_options=storage_options)
-    doc = store.read_bytes(CAMPAIGN_DOC)
-    if doc is None:
-        return load_run_film(out_url, storage_options)
-    cells = []
-    for cell in json.loads(doc)["cells"]:
-        data = store.read_bytes(f"{cell}/{FILM_DOC}")
-        if data is None:
-            raise SpecError.single(f"{out_url}/{cell}/{FILM_DOC}", f"campaign cell {cell!r} has no film.json")
-        cells.append((cell, Film.model_validate_json(data)))
-    return cells
+PLAIN = Stages()
 
 
-def render_cells(cells: list[tuple[str, Film]], out_url: str, settings: Settings | None = None
-                 ) -> dict[str, RunResult]:
-    """Render campaign cells into ``out_url/<cell>/`` on one farm, chunks shared at ``out_url``."""
+def run_job(job: RunJob, settings: Settings | None = None, *, farm: Farm | None = None,
+            stages: Stages = PLAIN, run_id: str | None = None) -> dict[str, RunResult]:
+    """Run a film or a campaign end to end: the one run function.
+
+    Every cell's chunks go to one chunk store at OUT (identical chunks render once) and
+    one farm (workers keep their models); each cell's deliverables, manifest and status go
+    to ``OUT/<cell>`` (OUT itself for a film).
+
+    Args:
+        job: what to render and where.
+        settings: run settings (default: from ``REELFARM_*``).
+        farm: a started farm to use (kept running); default one for this run.
+        stages: the steps, plain or wrapped as Prefect tasks.
+        run_id: the run id of a film job (default: a new one).
+
+    Returns:
+        Cell id -> its result (``""`` for a film).
+    """
     settings = settings or Settings()
-    store = ChunkStore(out_url, storage_options=settings.storage_options)
+    store = ChunkStore(job.out_url, storage_options=settings.storage_options)
+    out = OutputFolder(job.out_url, storage_options=settings.storage_options)
+    if job.campaign is not None:
+        out.write_campaign(job.campaign[0], job.campaign[1], [cell for cell, _ in job.cells])
+    for cell, film in job.cells:  # before any work: `reelfarm resume OUT` needs them
+        out.cell(cell).write_film(film)
+    own = farm is None
+    farm = farm or Farm(store, settings).start()
+    farm.store = store
     results: dict[str, RunResult] = {}
-    with Farm(store, settings) as farm:
-        for cell, film in cells:
-            results[cell] = render_plan(plan_film(film), farm, store, out_url=store.url(cell),
-                                        run_id=new_run_id(), formats=tuple(film.output.formats),
-                                        crf=film.output.crf, prefix=cell, settings=settings)
+    try:
+        for cell, film in job.cells:
+            result = stages.render(stages.plan(film), farm, store, out_url=out.cell(cell).root,
+                                   run_id=run_id or new_run_id(), formats=tuple(film.output.formats),
+                                   crf=film.output.crf, prefix=cell, settings=settings)
+            stages.publish(result, cell)
+            results[cell] = result
+    finally:
+        if own:
+            farm.shutdown()
     return results
 
 
 def render_spec(film: Film, out_url: str, settings: Settings | None = None, *,
                 farm: Farm | None = None, run_id: str | None = None) -> RunResult:
     """Plan and render a validated film into ``out_url`` (a folder or any fsspec URL)."""
-    settings = settings or Settings()
-    plan = plan_film(film)
-    store = ChunkStore(out_url, storage_options=settings.storage_options)
-    store.write_bytes_atomic(FILM_DOC, film.model_dump_json(indent=1).encode())
-    run_id = run_id or new_run_id()
-    own = farm is None
-    farm = farm or Farm(store, settings).start()
-    farm.store = store
-    try:
-        return render_plan(plan, farm, store, out_url=out_url, run_id=run_id,
-                           formats=tuple(film.output.formats), crf=film.output.crf, settings=settings)
-    finally:
-        if own:
-            farm.shutdown()
+    return run_job(RunJob.film(film, out_url), settings, farm=farm, run_id=run_id)[""]
+
+
+def render_cells(cells: list[tuple[str, Film]], out_url: str, settings: Settings | None = None
+                 ) -> dict[str, RunResult]:
+    """Render campaign cells into ``out_url/<cell>/`` on one farm, chunks shared at ``out_url``."""
+    return run_job(RunJob(out_url, tuple(cells)), settings)

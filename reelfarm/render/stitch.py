@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import fsspec
 import numpy as np
@@ -31,11 +31,20 @@ from reelfarm.schemas.plan import ChunkPlan, RenderPlan, ShotPlan
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from reelfarm.cluster.store import ChunkStore
-
 logger = logging.getLogger(__name__)
 
+
+class ChunkReader(Protocol):
+    """What stitching needs of a chunk store (the cluster's ``ChunkStore`` is one)."""
+
+    storage_options: dict[str, Any]
+
+    def is_complete(self, key: str, *, verify: bool = False) -> bool: ...
+
+    def read_frames(self, key: str) -> np.ndarray: ...
+
 __all__ = [
+    "ChunkReader",
     "JoinResult",
     "Piece",
     "StitchResult",
@@ -110,7 +119,7 @@ def _used(shot: ShotPlan, chunk: ChunkPlan, frames: Any) -> np.ndarray:
     if not ok:
         shape = getattr(frames, "shape", type(frames).__name__)
         raise StoreError(f"chunk `{chunk.key}` ({chunk.name}) holds {shape}, stitching needs at "
-                         f"least {need} x {shot.height} x {shot.width} x 3 uint8")
+                         f"least {need} x {shot.height} x {shot.width} x 3 uint8", keys=(chunk.key,))
     return frames[:need]
 
 
@@ -166,7 +175,7 @@ def iter_blended(
     for chunk in chunks:
         raw = next(it, None)
         if raw is None:
-            raise StoreError(f"chunk `{chunk.key}` ({chunk.name}) was not provided")
+            raise StoreError(f"chunk `{chunk.key}` ({chunk.name}) was not provided", keys=(chunk.key,))
         used = _used(shot, chunk, raw)
         motion = _motion(used)
         if prev is None:
@@ -356,14 +365,14 @@ def _check_transitions(shots: Sequence[ShotPlan]) -> None:
 
 
 # --- one shot --------------------------------------------------------------------------------
-def _read_chunk(store: ChunkStore, chunk: ChunkPlan) -> np.ndarray:
+def _read_chunk(store: ChunkReader, chunk: ChunkPlan) -> np.ndarray:
     try:
         return store.read_frames(chunk.key)
     except StoreError:
         raise
     except Exception as exc:  # an fsspec or decode error: still a chunk problem, named
         raise StoreError(f"chunk `{chunk.key}` ({chunk.name}) cannot be read: "
-                         f"{type(exc).__name__}: {exc}") from None
+                         f"{type(exc).__name__}: {exc}", keys=(chunk.key,)) from None
 
 
 def encode_shot(
@@ -497,7 +506,7 @@ def _scenes(plan: RenderPlan) -> list[tuple[str, list[ShotPlan]]]:
 
 def stitch_film(
     plan: RenderPlan,
-    store: ChunkStore,
+    store: ChunkReader,
     out_url: str,
     *,
     formats: tuple[str, ...] = ("mp4",),
@@ -564,7 +573,7 @@ def stitch_film(
     missing = [c.key for s in shots for c in s.chunks if not store.is_complete(c.key, verify=False)]
     if missing:
         shown = ", ".join(f"`{k}`" for k in missing[:20])
-        raise StoreError(f"{len(missing)} chunk(s) missing from the store: {shown}")
+        raise StoreError(f"{len(missing)} chunk(s) missing from the store: {shown}", keys=missing)
 
     if not 0 <= crf <= 51:
         raise StitchError(f"`crf` must be 0..51, got {crf}")
@@ -657,7 +666,7 @@ def stitch_film(
             tmp.cleanup()
 
 
-def stitch_shots(plan: RenderPlan, store: ChunkStore, out_url: str, shot_ids: Iterable[str], *,
+def stitch_shots(plan: RenderPlan, store: ChunkReader, out_url: str, shot_ids: Iterable[str], *,
                  crf: int = 18, storage_options: dict | None = None) -> dict[str, str]:
     """Encode only some shots' clips (``shots/<shot>.mp4``), e.g. the good shots of a run
     in which another shot failed, so editors get what rendered. Returns path -> URL."""

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from reelfarm.cluster.store import ChunkRecord, ChunkStore, decode_frames, encode_frames
+from reelfarm.cluster.store import ChunkRecord, ChunkStore
 from reelfarm.errors import StoreError
 from reelfarm.render.base import ChunkOutput
 from reelfarm.render.identity import IdentityBundle
@@ -73,17 +73,6 @@ def test_write_read_round_trip_is_bit_exact(store: ChunkStore, shape: tuple[int,
     np.testing.assert_array_equal(store.read_frames(KEY), frames)
     assert store.read_sidecar(KEY) == {"seed": 7, "worker": "w1"}
     assert store.read_latents(KEY) is None
-
-
-@pytest.mark.parametrize("shape", [(3, 18, 32), (2, 17, 33)])
-def test_codec_round_trip_is_bit_exact(shape: tuple[int, int, int]) -> None:
-    frames = _frames(*shape)
-    data = encode_frames(frames)
-    np.testing.assert_array_equal(decode_frames(data), frames)
-    np.testing.assert_array_equal(decode_frames(data, num_frames=shape[0]), frames)
-    for wrong in (shape[0] - 1, shape[0] + 1):
-        with pytest.raises(ValueError, match="frames"):
-            decode_frames(data, num_frames=wrong)
 
 
 def test_layout_is_the_contract(store: ChunkStore) -> None:
