@@ -50,10 +50,8 @@ def render_chain(backend: Any, shot: Any, ids: dict[str, Any]) -> list[tuple[flo
     for chunk in shot.chunks:
         condition = None
         if previous is not None:
-            prev = shot.chunks[chunk.index - 1]
-            first = min(chunk.frame_start - prev.frame_start, prev.frame_end - prev.frame_start - 1)
-            condition = Condition(image=previous.frames[first], frames=previous.frames[first:],
-                                  latents=previous.latents)  # fmt: skip
+            condition = Condition(image=previous.frames[shot.continuation_frame(chunk)],
+                                  latents=previous.latents)
         w0, c0 = time.perf_counter(), time.process_time()
         previous = backend(shot, chunk, ids, condition)
         out.append((time.perf_counter() - w0, time.process_time() - c0, previous))

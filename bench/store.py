@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from reelfarm.cluster.store import ChunkStore
-from reelfarm.render.codec import decode_frames, encode_frames
 from reelfarm.render.base import ChunkOutput
+from reelfarm.render.codec import decode_frames, encode_frames
 
 logger = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from reelfarm.cluster.scheduler import (
     WorkerReady,
 )
 from reelfarm.cluster.store import ChunkStore
-from reelfarm.cluster.worker import ChunkWorker, RenderReply, identity_cache_key, load_key
+from reelfarm.cluster.worker import ChunkWorker, RenderReply, load_key
 from reelfarm.errors import FarmError, RenderError
-from reelfarm.render.identity import IdentityBundle
+from reelfarm.render.identity import IdentityBundle, identity_key
 from reelfarm.schemas.plan import RenderPlan
 from reelfarm.settings import Settings
 
@@ -220,7 +220,7 @@ class Farm:
         slots: list[tuple[tuple[str, str], str]] = []
         root = self.store.root
         for (lk, name), (model, sha) in sorted(needed.items(), key=lambda kv: kv[0]):
-            key = identity_cache_key(model, sha)
+            key = identity_key(model, sha)
             slots.append(((lk, name), key))
             if (root, key) in self._identity_refs or key in jobs:  # shared already
                 continue

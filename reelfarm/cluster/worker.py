@@ -34,7 +34,7 @@ from reelfarm.render.identity import IdentityBundle
 from reelfarm.schemas.film import AnimaticModel, DiffusersModel
 from reelfarm.schemas.plan import ChunkPlan, ShotPlan
 
-__all__ = ["ChunkWorker", "RenderReply", "load_key", "identity_cache_key"]
+__all__ = ["ChunkWorker", "RenderReply", "load_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +45,6 @@ def load_key(model: AnimaticModel | DiffusersModel) -> str:
         return "animatic"
     doc = {k: getattr(model, k) for k in ("family", "id", "revision", "dtype")}
     return "diffusers:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def identity_cache_key(model: AnimaticModel | DiffusersModel, reference_sha256: str) -> str:
-    """Where a character's identity for ``model`` is cached: ``identities/<key>.safetensors``.
-
-    The same key the backend gives the bundle (shortened), from the same function.
-    """
-    from reelfarm.render.identity import model_identity_key
-
-    return model_identity_key(model, reference_sha256)[:32]
 
 
 @dataclass
@@ -177,7 +167,9 @@ class ChunkWorker:
         except FarmError:
             raise
         except Exception as e:  # noqa: BLE001 - classify, keep the message, pickle-safe
-            if type(e).__name__ == "OutOfMemoryError":
+            import torch
+
+            if isinstance(e, torch.OutOfMemoryError):
                 raise GpuOutOfMemory(f"{chunk.name}: out of memory on {self.worker_id}: {e}") from None
             tb = traceback.format_exc(limit=3)
             raise RenderError(f"{chunk.name}: {type(e).__name__}: {e}\n{tb}") from None
@@ -204,12 +196,7 @@ class ChunkWorker:
         from reelfarm.render.base import Condition
 
         prev = store.read_frames(chunk.depends_on)
-        prev_chunk = shot.chunks[chunk.index - 1]
-        used = prev_chunk.frame_end - prev_chunk.frame_start  # frames past the shot's end are dropped
-        # This chunk's first frame is a frame the previous chunk rendered (the overlap
-        # starts there); with no overlap it continues from the previous last frame.
-        first = min(chunk.frame_start - prev_chunk.frame_start, used - 1)
-        return Condition(image=prev[first], frames=prev[first:used],
+        return Condition(image=prev[shot.continuation_frame(chunk)],
                          latents=store.read_latents(chunk.depends_on))
 
     def close(self) -> None:

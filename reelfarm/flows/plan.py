@@ -69,11 +69,12 @@ def _plan_shot(film: Film, scene: Scene, shot: Shot, index: int, transition_fram
     w, h = film.resolution
     names = shot.characters
     try:
-        hashes = tuple(str(film.characters[n].sha256) for n in names)
+        characters = [film.characters[n] for n in names]
     except KeyError as e:
         raise PlanError(f"shot {shot.id!r}: unknown character {e.args[0]!r}") from None
-    if any(x == "None" for x in hashes):
+    if any(c.sha256 is None for c in characters):
         raise PlanError(f"shot {shot.id!r}: reference images are not hashed; load the film with load_film()")
+    hashes = tuple(str(c.sha256) for c in characters)
     # 1. Everything shot-wide that shapes pixels, hashed once as a prefix.
     shot_doc = {
         "v": KEY_VERSION,

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from reelfarm.errors import BackendError
 from reelfarm.render.base import ChunkOutput, Condition
-from reelfarm.render.identity import REFERENCE_MAX_SIDE, IdentityBundle, model_identity_key
+from reelfarm.render.identity import IdentityBundle, feathered_ellipse, identity_key, reference_rgba
 
 # ANIMATIC_VERSION (bump when the drawing changes) lives with the family rules: it is part
 # of every animatic chunk key and identity key, so cached frames of an older drawing are
@@ -39,9 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ANIMATIC_VERSION", "AnimaticBackend", "keyframe", "reference_rgba"]
-
-MAX_REFERENCE_SIDE = REFERENCE_MAX_SIDE
+__all__ = ["ANIMATIC_VERSION", "AnimaticBackend", "keyframe"]
 
 # Staging, as fractions of the frame height (H) or width (W).
 _HORIZON = 0.62  # horizon line, H
@@ -55,55 +53,6 @@ _SWAY = 0.006  # W
 _LEAN = 0.035  # horizontal shear: top of the figure moves by this x its height
 _SUB_BATCH = 4  # frames warped per grid_sample call: bounds memory at any chunk length
 _STAGE_CACHE = 4  # shots whose static layers stay memoised
-
-
-# --- references -------------------------------------------------------------------------
-def _check_reference(reference: Any, what: str) -> np.ndarray:
-    ref = np.asarray(reference)
-    if ref.dtype != np.uint8 or ref.ndim != 3 or ref.shape[2] not in (3, 4) or 0 in ref.shape:
-        raise BackendError(
-            f"{what} must be an H x W x 3|4 uint8 image, got shape {tuple(ref.shape)} "
-            f"dtype {ref.dtype}"
-        )
-    return ref
-
-
-def _feathered_ellipse(height: int, width: int) -> np.ndarray:
-    """An alpha mask (0..1) of the inscribed ellipse, feathered over its outer 15 %."""
-    ys = (np.arange(height, dtype=np.float64) + 0.5) / height * 2.0 - 1.0
-    xs = (np.arange(width, dtype=np.float64) + 0.5) / width * 2.0 - 1.0
-    r = np.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
-    t = np.clip((1.0 - r) / 0.15, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def reference_rgba(reference: np.ndarray) -> np.ndarray:
-    """Prepare a reference for staging: RGBA uint8 that fits within 512 px.
-
-    A reference without an alpha channel gets alpha 255; a fully opaque one (a photo, say)
-    then gets a soft elliptical cut-out so that it reads as a figure over the backdrop.
-    Every backend stores this as its bundles' ``reference_rgba`` tensor.
-
-    Args:
-        reference: ``H x W x 3|4`` uint8.
-
-    Returns:
-        ``h x w x 4`` uint8, ``max(h, w) <= 512``.
-    """
-    ref = _check_reference(reference, "`reference`")
-    if ref.shape[2] == 3:
-        ref = np.concatenate([ref, np.full(ref.shape[:2] + (1,), 255, np.uint8)], axis=2)
-    image = Image.fromarray(np.ascontiguousarray(ref), "RGBA")
-    if max(image.size) > MAX_REFERENCE_SIDE:
-        scale = MAX_REFERENCE_SIDE / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        # Resize premultiplied so transparent pixels do not bleed their colour into edges.
-        image = image.convert("RGBa").resize(size, Image.Resampling.LANCZOS).convert("RGBA")
-    rgba = np.array(image, dtype=np.uint8)
-    if rgba[..., 3].min() == 255:
-        mask = _feathered_ellipse(*rgba.shape[:2])
-        rgba[..., 3] = np.round(mask * 255.0).astype(np.uint8)
-    return rgba
 
 
 # --- backdrop ---------------------------------------------------------------------------
@@ -309,7 +258,7 @@ def _make_sprite(
     """Cut a reference to its figure, size it for the frame and add a soft ground shadow."""
     if rgba[..., 3].min() == 255:  # a bundle from a backend that kept the photo opaque
         rgba = rgba.copy()
-        rgba[..., 3] = np.round(_feathered_ellipse(*rgba.shape[:2]) * 255.0).astype(np.uint8)
+        rgba[..., 3] = np.round(feathered_ellipse(*rgba.shape[:2]) * 255.0).astype(np.uint8)
     # 1. Crop to the figure so its lowest opaque pixel stands on the feet line.
     rows = np.flatnonzero(rgba[..., 3].max(axis=1) > 8)
     cols = np.flatnonzero(rgba[..., 3].max(axis=0) > 8)
@@ -700,7 +649,7 @@ class AnimaticBackend:
             rgba = reference_rgba(reference)
         except BackendError as exc:
             raise BackendError(f"character {character!r}: {exc}") from None
-        key = model_identity_key(self.model, sha256)
+        key = identity_key(self.model, sha256)
         return IdentityBundle(
             character=character,
             key=key,

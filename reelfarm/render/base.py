@@ -30,14 +30,13 @@ class Condition:
     """What a chunk continues from: the previous chunk's tail.
 
     Attributes:
-        image: the previous chunk's last used frame, ``H x W x 3`` uint8.
-        frames: the previous chunk's overlap frames, ``K x H x W x 3`` uint8, oldest first.
+        image: the previous chunk's frame at this chunk's first frame
+            (:meth:`~reelfarm.schemas.plan.ShotPlan.continuation_frame`), ``H x W x 3`` uint8.
         latents: the previous chunk's final latents, where the family accepts them
             (avoids the decode/re-encode round trip that makes colours drift).
     """
 
     image: np.ndarray | None = None
-    frames: np.ndarray | None = None
     latents: Any | None = None  # torch.Tensor on CPU
 
 
@@ -83,7 +82,7 @@ class Backend(Protocol):
 # so the driver never imports torch or diffusers.
 BACKENDS: dict[str, str] = {
     "animatic": "reelfarm.render.animatic:AnimaticBackend",
-    "diffusers": "reelfarm.render.diffusers:DiffusersBackend",
+    "diffusers": "reelfarm.render.diffusers.backend:DiffusersBackend",
 }
 
 

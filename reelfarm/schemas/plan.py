@@ -64,6 +64,19 @@ class ShotPlan(_Frozen):
     def duration_s(self) -> float:
         return float(self.frames / self.fps)
 
+    def continuation_frame(self, chunk: ChunkPlan) -> int:
+        """Which of the previous chunk's frames ``chunk`` continues from (its index there).
+
+        A chained chunk's first frame is a frame the previous chunk rendered (the overlap
+        starts there); with no overlap it continues from the previous chunk's last used
+        frame (frames past the shot's end are dropped).
+        """
+        if chunk.index < 1:
+            raise ValueError(f"chunk {chunk.name!r} is its shot's first: it continues from nothing")
+        prev = self.chunks[chunk.index - 1]
+        used = prev.frame_end - prev.frame_start
+        return min(chunk.frame_start - prev.frame_start, used - 1)
+
 
 class RenderPlan(_Frozen):
     """A whole film, planned. ``key`` is a hash over every chunk key, in order."""

@@ -17,10 +17,9 @@ from reelfarm.render.animatic import (
     ANIMATIC_VERSION,
     AnimaticBackend,
     keyframe,
-    reference_rgba,
 )
 from reelfarm.render.base import ChunkOutput, load_backend
-from reelfarm.render.identity import IdentityBundle, identity_key
+from reelfarm.render.identity import IdentityBundle, identity_doc, identity_key, reference_rgba
 from reelfarm.schemas.film import AnimaticModel
 
 HERE = Path(__file__).resolve().parent
@@ -222,11 +221,8 @@ def test_encode_identity_makes_a_fitting_cutout(backend):
     rgba = bundle.tensors["reference_rgba"]
     assert rgba.dtype == torch.uint8 and tuple(rgba.shape) == (512, 256, 4)
     assert rgba[0, 0, 3] == 0 and rgba[256, 128, 3] == 255
-    assert bundle.key == identity_key(
-        character_sha256=h.sha("big"),
-        backend="animatic",
-        model={"cutout": ANIMATIC_VERSION, "max_side": 512},
-    )
+    assert bundle.key == identity_key(AnimaticModel(), h.sha("big"))
+    assert identity_doc(AnimaticModel()) == {"cutout": ANIMATIC_VERSION, "max_side": 512}
     back = IdentityBundle.from_bytes(bundle.to_bytes())
     assert back.character == "flame" and torch.equal(back.tensors["reference_rgba"], rgba)
 

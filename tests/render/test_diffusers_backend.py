@@ -72,7 +72,7 @@ def test_two_chained_chunks(backend: DiffusersBackend) -> None:
     assert first.meta["versions"]["diffusers"] == __import__("diffusers").__version__
 
     # The worker hands the next chunk the frame at its start (overlap 1: the last one).
-    condition = Condition(image=first.frames[-1], frames=first.frames[-1:], latents=first.latents)
+    condition = Condition(image=first.frames[-1], latents=first.latents)
     second = backend(shot, shot.chunks[1], ids, condition)
     assert second.frames.shape == first.frames.shape
     assert second.meta["start"] == ("latents" if family == "ltx" else "image")

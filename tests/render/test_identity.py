@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reelfarm.cluster.worker import identity_cache_key
 from reelfarm.render.base import load_backend
 from reelfarm.render.identity import IdentityBundle
+from reelfarm.render.identity import identity_key as identity_cache_key
 from reelfarm.schemas.film import AnimaticModel
 from tests.render import tiny_pipelines as tp
 
