@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reelfarm.cluster.store import ChunkStore
-from reelfarm.schemas.manifest import ManifestRow, plan_rows, rows_to_table, table_to_rows
+from reelfarm.schemas.manifest import ManifestRow, plan_rows, rows_to_table
 from reelfarm.schemas.plan import RenderPlan
 
 __all__ = ["ManifestWriter", "read_manifest", "utcnow"]
@@ -81,7 +81,3 @@ class ManifestWriter:
         self.store.write_bytes_atomic(f"{base}{MANIFEST}", data)
         self._last = now
         self._dirty = False
-
-    @staticmethod
-    def rows_of(table: pa.Table) -> list[ManifestRow]:
-        return table_to_rows(table)

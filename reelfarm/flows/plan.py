@@ -15,7 +15,7 @@ from reelfarm.errors import PlanError
 from reelfarm.schemas.campaign import CampaignCell
 from reelfarm.schemas.families import ANIMATIC_VERSION, FamilyRule
 from reelfarm.schemas.film import AnimaticModel, Film, Scene, Shot, seconds_to_frames
-from reelfarm.schemas.plan import ChunkPlan, RenderPlan, ShotPlan
+from reelfarm.schemas.plan import ChunkPlan, RenderPlan, ShotPlan, check_plan
 
 __all__ = ["KEY_VERSION", "CampaignPlan", "chunk_ranges", "chunk_seed", "plan", "plan_campaign", "plan_film"]
 
@@ -137,7 +137,9 @@ def plan_film(film: Film) -> RenderPlan:
         shots.append(sp)
     key = hashlib.sha256("".join(c.key for s in shots for c in s.chunks).encode()).hexdigest()[:32]
     used = {n for s in shots for n in s.characters}
-    return RenderPlan.model_construct(
+    # Built without pydantic's validation (fast at 100,000 chunks): the invariants are
+    # checked once, here, where the plan is made.
+    plan = RenderPlan.model_construct(
         title=film.title, fps=film.fps, width=film.width, height=film.height,
         shots=tuple(shots), frames=frames, est_gpu_s=round(sum(s.est_gpu_s for s in shots), 4),
         key=key,
@@ -145,6 +147,8 @@ def plan_film(film: Film) -> RenderPlan:
         references={n: film.characters[n].reference for n in sorted(used)},
         audio=film.audio,
     )
+    check_plan(plan)
+    return plan
 
 
 plan = plan_film  # the name the design uses

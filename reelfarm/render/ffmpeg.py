@@ -41,6 +41,7 @@ __all__ = [
     "MediaProbe",
     "audio_codec_args",
     "audio_filter",
+    "audio_steps",
     "concat_copy_args",
     "concat_list_text",
     "encode_frames_args",
@@ -65,12 +66,6 @@ _COLOUR = ["-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "b
            "-color_range", "tv"]
 _META_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-# Audio inputs must demux as one of these (checked with a probe, then forced with -f), so a
-# crafted playlist or concat script can never be opened as "audio".
-AUDIO_INPUT_FORMATS = {
-    "wav": "wav", "mp3": "mp3", "flac": "flac", "ogg": "ogg", "aac": "aac",
-    "mov,mp4,m4a,3gp,3g2,mj2": "mov", "matroska,webm": "matroska",
-}
 
 
 @dataclass(frozen=True)
@@ -179,7 +174,7 @@ class AudioInput:
 
     Attributes:
         path: absolute local path that reelfarm wrote (never a user string).
-        fmt: the demuxer name it was probed as (a value of ``AUDIO_INPUT_FORMATS``).
+        fmt: the demuxer name it was probed as (a value of demuxer).
         start_frame: where the cut begins in film frames (a scene cut starts mid-film).
     """
 
@@ -188,13 +183,20 @@ class AudioInput:
     start_frame: int = 0
 
 
-def audio_filter(audio: AudioInput, *, frames: int, fps: Fraction) -> str:
-    """Cut the slice ``[start, start + picture)`` and pad it with silence to the picture length."""
+def audio_steps(audio: AudioInput, *, frames: int, fps: Fraction) -> list[tuple[str, tuple[str, ...], dict[str, str]]]:
+    """The audio filter chain, as data: cut ``[start, start + picture)`` and pad it with
+    silence to the picture length. One owner for both argv forms below."""
     start = _seconds(audio.start_frame, fps)
     end = _seconds(audio.start_frame + frames, fps)
     length = _seconds(frames, fps)
-    return (f"atrim=start={start}:end={end},asetpts=PTS-STARTPTS,"
-            f"apad=whole_dur={length},atrim=end={length}")
+    return [("atrim", (), {"start": start, "end": end}), ("asetpts", ("PTS-STARTPTS",), {}),
+            ("apad", (), {"whole_dur": length}), ("atrim", (), {"end": length})]
+
+
+def audio_filter(audio: AudioInput, *, frames: int, fps: Fraction) -> str:
+    """:func:`audio_steps` as an ``-af`` filter string."""
+    return ",".join(name + "=" + ":".join([*args, *(f"{k}={v}" for k, v in kw.items())])
+                    for name, args, kw in audio_steps(audio, frames=frames, fps=fps))
 
 
 def _audio_input_args(audio: AudioInput) -> list[str]:
@@ -344,11 +346,10 @@ def join_args(
 
 
 def _audio_chain(a: Any, audio: AudioInput, frames: int, fps: Fraction) -> Any:
-    start = _seconds(audio.start_frame, fps)
-    end = _seconds(audio.start_frame + frames, fps)
-    length = _seconds(frames, fps)
-    return (a.filter("atrim", start=start, end=end).filter("asetpts", "PTS-STARTPTS")
-            .filter("apad", whole_dur=length).filter("atrim", end=length))
+    """:func:`audio_steps` applied to an ffmpeg-python stream."""
+    for name, args, kw in audio_steps(audio, frames=frames, fps=fps):
+        a = a.filter(name, *args, **kw)
+    return a
 
 
 def join_length(inputs: Sequence[int], joins: Sequence[Join]) -> int:

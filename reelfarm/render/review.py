@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from reelfarm.render.seams import SEAM_WARN
 from reelfarm.schemas.plan import RenderPlan
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SEAM_WARN",
     "contact_sheet",
     "manifest_summary",
     "render_report",
@@ -38,7 +38,6 @@ __all__ = [
 THUMB_WIDTH = 192
 COLUMNS = 6
 LABEL_H = 16
-SEAM_WARN = 2.0  # seam scores above this are shown in red
 _MANIFEST_COLUMNS = ("shot_id", "content_key", "status", "attempts", "worker", "node",
                      "render_s", "est_gpu_s", "error")
 

@@ -16,14 +16,14 @@ from typing import Any
 import opentimelineio as otio
 
 from reelfarm.errors import PlanError
+from reelfarm.render.seams import SEAM_WARN
 from reelfarm.schemas.plan import RenderPlan, ShotPlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SEAM_MARKER_THRESHOLD", "build_timeline", "shot_recipe", "write_timeline"]
+__all__ = ["build_timeline", "shot_recipe", "write_timeline"]
 
 # Seams scoring above this are marked red on the clip (see render.stitch.seam_score).
-SEAM_MARKER_THRESHOLD = 2.0
 
 
 def _rt(frames: int, rate: float) -> otio.opentime.RationalTime:
@@ -125,7 +125,7 @@ def build_timeline(
             if k + 1 >= len(chunks):
                 break
             at = chunks[k + 1].frame_start + chunks[k + 1].overlap // 2
-            colour = (otio.schema.MarkerColor.RED if score > SEAM_MARKER_THRESHOLD
+            colour = (otio.schema.MarkerColor.RED if score > SEAM_WARN
                       else otio.schema.MarkerColor.GREEN)
             clip.markers.append(otio.schema.Marker(
                 name=f"seam {k + 1}", marked_range=_range(at, 0, rate), color=colour,

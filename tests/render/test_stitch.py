@@ -14,15 +14,13 @@ import pytest
 
 from reelfarm.errors import PlanError, StitchError, StoreError
 from reelfarm.render import ffmpeg as ff
+from reelfarm.render.seams import blend_chunks, iter_blended, seam_score
 from reelfarm.render.stitch import (
     Piece,
     StitchResult,
-    blend_chunks,
     encode_shot,
     film_joins,
-    iter_blended,
     join_pieces,
-    seam_score,
     stitch_film,
 )
 

@@ -1,0 +1,63 @@
+"""Deliverables beside the cuts: the OTIO timeline, the contact sheet and the HTML report,
+and publishing every file stitching made into OUT, each in one step.
+
+A reader of OUT sees each deliverable's old version or its new one, never a part: files
+are made in a local work folder, then published one by one with
+:meth:`reelfarm.storage.Location.put_file_atomic` (rename on a disk, one upload on an
+object store). Relative paths come from checked ids and fixed names only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from reelfarm.schemas.plan import RenderPlan
+from reelfarm.storage import Location
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["REVIEW_FILES", "publish", "write_review"]
+
+REVIEW_FILES = ("timeline.otio", "contact_sheet.png", "report.html")
+
+
+def write_review(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.ndarray]], result: Any, *,
+                 manifest: pa.Table | None = None) -> list[str]:
+    """Write the timeline, contact sheet and report into ``work``; returns their relative paths.
+
+    Args:
+        plan: the film's plan.
+        work: the local work folder.
+        thumbs: ``(shot id, thumbnail)`` per shot.
+        result: the stitch result so far (seam scores, join methods, probes).
+        manifest: the run's manifest, for the report's actual GPU-seconds and workers.
+    """
+    from reelfarm.render import review, timeline
+
+    timeline.write_timeline(timeline.build_timeline(plan, seam_scores=result.seam_scores),
+                            os.path.join(work, "timeline.otio"))
+    review.write_contact_sheet(thumbs, os.path.join(work, "contact_sheet.png"))
+    html = review.render_report(plan, manifest=manifest, seam_scores=result.seam_scores,
+                                join_methods=result.join_methods, probes=result.probes)
+    with open(os.path.join(work, "report.html"), "w", encoding="utf-8") as fh:
+        fh.write(html)
+    return list(REVIEW_FILES)
+
+
+def publish(work: str, rels: Sequence[str], out_url: str, storage_options: dict[str, Any]) -> dict[str, str]:
+    """Publish ``work/<rel>`` as ``OUT/<rel>`` for each path, each in one step.
+
+    Returns:
+        Relative path -> URL under ``out_url``.
+    """
+    out = Location(out_url, storage_options=storage_options)
+    outputs: dict[str, str] = {}
+    for rel in rels:
+        out.put_file_atomic(os.path.join(work, rel), rel)
+        outputs[rel] = out_url.rstrip("/") + "/" + rel
+    return outputs
