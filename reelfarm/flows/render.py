@@ -23,7 +23,7 @@ from reelfarm.cluster.outdir import CAMPAIGN_DOC, FILM_DOC, OutputFolder
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.errors import SpecError, StoreError
 from reelfarm.flows.plan import plan_film
-from reelfarm.schemas.film import Film
+from reelfarm.schemas.film import Film, Output
 from reelfarm.schemas.loader import LoadedCampaign
 from reelfarm.schemas.plan import RenderPlan
 from reelfarm.settings import Settings
@@ -160,19 +160,23 @@ def resume_job(out_url: str, storage_options: dict[str, Any] | None = None) -> R
 # --- one cell --------------------------------------------------------------------------------
 def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str, run_id: str,
                 formats: tuple[str, ...] = ("mp4",), crf: int = 18, prefix: str = "",
-                settings: Settings | None = None) -> RunResult:
+                settings: Settings | None = None, output: Output | None = None) -> RunResult:
     """Render the plan's missing chunks on ``farm``, then stitch the deliverables.
 
     ``store`` holds the chunks (shared by campaign cells); deliverables and the manifest
-    go under ``out_url`` (``store.url(prefix)``).
+    go under ``out_url`` (``store.url(prefix)``). ``output`` (the spec's ``output:``), when
+    given, decides the formats, quality and review files over ``formats`` and ``crf``.
     """
+    if output is not None:
+        formats, crf = tuple(output.formats), output.crf
     settings = settings or farm.settings
     manifest = ManifestWriter(store, plan, run_id, flush_s=settings.manifest_flush_s, prefix=prefix)
     out = OutputFolder(out_url, storage_options=store.storage_options)
     summary = farm.render(plan, manifest)
     result = RunResult(run_id=run_id, out_url=out_url, plan=plan, summary=summary)
     if summary.ok:
-        _stitch(result, farm, store, manifest, formats=formats, crf=crf)
+        review = {"contact_sheet": output.contact_sheet, "report": output.report} if output else {}
+        _stitch(result, farm, store, manifest, formats=formats, crf=crf, review=review)
     if not summary.ok:
         _partial(plan, store, out_url, result, crf)
     manifest.flush(force=True)
@@ -181,7 +185,7 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
 
 
 def _stitch(result: RunResult, farm: Farm, store: ChunkStore, manifest: ManifestWriter, *,
-            formats: tuple[str, ...], crf: int) -> None:
+            formats: tuple[str, ...], crf: int, review: dict[str, bool]) -> None:
     """Stitch; a chunk found missing or corrupt is rendered again and stitching retried."""
     from reelfarm.render.stitch import stitch_film
 
@@ -189,7 +193,7 @@ def _stitch(result: RunResult, farm: Farm, store: ChunkStore, manifest: Manifest
     for round_ in range(STITCH_ROUNDS):
         try:
             stitched = stitch_film(plan, store, result.out_url, formats=formats, crf=crf,
-                                   manifest=manifest.table())
+                                   manifest=manifest.table(), **review)
             break
         except StoreError as e:
             bad = set(e.keys) & {c.key for c in plan.chunks}
@@ -291,8 +295,8 @@ def run_job(job: RunJob, settings: Settings | None = None, *, farm: Farm | None 
     try:
         for cell, film in job.cells:
             result = stages.render(stages.plan(film), farm, store, out_url=out.cell(cell).root,
-                                   run_id=run_id or new_run_id(), formats=tuple(film.output.formats),
-                                   crf=film.output.crf, prefix=cell, settings=settings)
+                                   run_id=run_id or new_run_id(), prefix=cell, settings=settings,
+                                   output=film.output)
             stages.publish(result, cell)
             results[cell] = result
     finally:

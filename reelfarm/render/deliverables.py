@@ -27,8 +27,13 @@ REVIEW_FILES = ("timeline.otio", "contact_sheet.png", "report.html")
 
 
 def write_review(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.ndarray]], result: Any, *,
-                 manifest: pa.Table | None = None) -> list[str]:
-    """Write the timeline, contact sheet and report into ``work``; returns their relative paths.
+                 manifest: pa.Table | None = None, contact_sheet: bool = True, report: bool = True
+                 ) -> list[str]:
+    """Write the timeline, and the contact sheet and report when asked, into ``work``.
+
+    Returns the relative paths written. The spec's ``output.contact_sheet`` and
+    ``output.report`` say whether those two are made; the timeline always is (it is the
+    cut an editor conforms from).
 
     Args:
         plan: the film's plan.
@@ -36,17 +41,24 @@ def write_review(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.nda
         thumbs: ``(shot id, thumbnail)`` per shot.
         result: the stitch result so far (seam scores, join methods, probes).
         manifest: the run's manifest, for the report's actual GPU-seconds and workers.
+        contact_sheet: write ``contact_sheet.png``.
+        report: write ``report.html``.
     """
     from reelfarm.render import review, timeline
 
     timeline.write_timeline(timeline.build_timeline(plan, seam_scores=result.seam_scores),
                             os.path.join(work, "timeline.otio"))
-    review.write_contact_sheet(thumbs, os.path.join(work, "contact_sheet.png"))
-    html = review.render_report(plan, manifest=manifest, seam_scores=result.seam_scores,
-                                join_methods=result.join_methods, probes=result.probes)
-    with open(os.path.join(work, "report.html"), "w", encoding="utf-8") as fh:
-        fh.write(html)
-    return list(REVIEW_FILES)
+    written = ["timeline.otio"]
+    if contact_sheet:
+        review.write_contact_sheet(thumbs, os.path.join(work, "contact_sheet.png"))
+        written.append("contact_sheet.png")
+    if report:
+        html = review.render_report(plan, manifest=manifest, seam_scores=result.seam_scores,
+                                    join_methods=result.join_methods, probes=result.probes)
+        with open(os.path.join(work, "report.html"), "w", encoding="utf-8") as fh:
+            fh.write(html)
+        written.append("report.html")
+    return written
 
 
 def publish(work: str, rels: Sequence[str], out_url: str, storage_options: dict[str, Any]) -> dict[str, str]:

@@ -295,6 +295,8 @@ def stitch_film(
     workdir: str | None = None,
     crf: int = 18,
     storage_options: dict | None = None,
+    contact_sheet: bool = True,
+    report: bool = True,
 ) -> StitchResult:
     """Stitch a rendered plan into every deliverable under ``out_url``.
 
@@ -312,6 +314,8 @@ def stitch_film(
         workdir: a local folder for the intermediate files (kept); default a temp folder.
         crf: x264/VP9 quality, the film's ``output.crf`` (ProRes ignores it).
         storage_options: fsspec options for ``out_url`` and the audio (default: the store's).
+        contact_sheet: write ``contact_sheet.png`` (the spec's ``output.contact_sheet``).
+        report: write ``report.html`` (the spec's ``output.report``).
 
     Raises:
         StoreError: a chunk is missing or corrupt (the message names its key).
@@ -345,7 +349,8 @@ def stitch_film(
         # 3. Scene cuts (MP4) and 4. the film cut, once per format, from that format's pieces.
         _join_cuts(plan, pieces, work, formats, crf, audio_src, result)
         # 5. Timeline, contact sheet, report. 6. Publish every file, each in one step.
-        rels = deliverables.write_review(plan, work, thumbs, result, manifest=manifest)
+        rels = deliverables.write_review(plan, work, thumbs, result, manifest=manifest,
+                                         contact_sheet=contact_sheet, report=report)
         rels = [*(f"shots/{s.shot_id}.mp4" for s in shots),
                 *(f"scenes/{sc}.mp4" for sc, _ in _scenes(plan)),
                 *("final" + FORMATS[f].ext for f in formats), *rels]

@@ -364,3 +364,21 @@ def test_formats_without_mp4_still_write_mp4_shots_and_scenes(out_url):
     assert res.probes["final.webm"].codec == "vp9" and res.join_methods["final.webm"] == "copy"
     html = fsspec.open(out_url + "/report.html", "r").open().read()
     assert "gpu-0" in html and "final.webm" in html
+
+
+@pytest.mark.ffmpeg
+def test_output_review_flags_are_honoured(out_url, tmp_path):
+    plan = H.cuts_plan()
+    store = H.FakeStore()
+    H.fill(store, plan)
+    res = stitch_film(plan, store, out_url, contact_sheet=False, report=False)
+    files = listing(out_url)
+    assert "timeline.otio" in files and "final.mp4" in files
+    assert "contact_sheet.png" not in files and "report.html" not in files
+    assert "report.html" not in res.outputs
+    # A local OUT: every deliverable is published by rename, no temporary file is left.
+    local = tmp_path / "out"
+    stitch_film(plan, store, str(local))
+    names = {p.name for p in local.rglob("*")}
+    assert {"final.mp4", "contact_sheet.png", "report.html"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
