@@ -258,4 +258,6 @@ def test_bad_chunk_is_refused(backend, ids):
 
 def test_meta_is_json(backend, ids):
     out = backend(h.shot(("flame",)), h.chunk(0, 1), ids)
-    json.dumps(out.meta)
+    back = json.loads(json.dumps(out.meta))
+    assert back == out.meta
+    assert back["versions"]["animatic"] == ANIMATIC_VERSION and back["seed"] == 1

@@ -103,3 +103,15 @@ def test_otiotool_reads_it(tmp_path):
     for name in ("a", "b", "c"):
         assert f"CLIP: {name} IN BOUNDS" in done.stdout
     assert "Duration: 00:00:01:17" in done.stdout  # 41 frames at 24 fps
+
+
+def test_recipe_holds_every_model_field_that_shapes_pixels():
+    from reelfarm.render.timeline import shot_recipe
+    from reelfarm.schemas.film import DiffusersModel
+
+    model = DiffusersModel(backend="diffusers", family="wan", id="org/wan", guidance_scale=6.5,
+                           negative_prompt="blurry", dtype="float16")
+    shot = H.make_shot("a", 10).model_copy(update={"model": model})
+    recipe = shot_recipe(shot)
+    assert (recipe["guidance_scale"], recipe["negative_prompt"], recipe["dtype"]) == (6.5, "blurry", "float16")
+    assert recipe["model"]["family"] == "wan" and recipe["model"]["guidance_scale"] == 6.5
