@@ -28,6 +28,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check reelfarm tests bench
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
