@@ -154,9 +154,6 @@ def render_report(
         probes: output path -> probe of the file written.
     """
     e = html.escape
-    seams = dict(seam_scores or {})
-    methods = dict(join_methods or {})
-    probes = dict(probes or {})
     shot_rows, workers = manifest_summary(plan, manifest)
     fps = Fraction(plan.fps)
     out: list[str] = [
@@ -167,10 +164,17 @@ def render_report(
         f"@ {e(str(fps))} fps &middot; {plan.frames} frames ({plan.duration_s:.2f} s) &middot; "
         f"{len(plan.shots)} shots, {len(plan.chunks)} chunks</p>",
     ]
+    out += _deliverables_section(dict(join_methods or {}), dict(probes or {}))
+    out += _shots_section(plan, shot_rows, dict(seam_scores or {}), has_manifest=manifest is not None)
+    out += _workers_section(workers)
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
 
-    # Deliverables
-    out.append("<h2>Deliverables</h2><table><tr><th>file</th><th>made by</th><th>codec</th>"
-               "<th>frames</th><th>seconds</th><th>audio</th></tr>")
+
+def _deliverables_section(methods: dict[str, str], probes: dict[str, MediaProbe]) -> list[str]:
+    e = html.escape
+    out = ["<h2>Deliverables</h2><table><tr><th>file</th><th>made by</th><th>codec</th>"
+           "<th>frames</th><th>seconds</th><th>audio</th></tr>"]
     for rel, method in methods.items():
         if rel.startswith("shots/"):
             continue
@@ -183,11 +187,15 @@ def render_report(
             f"<td>{e(pr.audio.codec) if pr and pr.audio else ''}</td></tr>")
     out.append('</table><p><a href="timeline.otio">timeline.otio</a> &middot; '
                '<a href="contact_sheet.png">contact sheet</a></p>')
+    return out
 
-    # Shots
-    out.append("<h2>Shots</h2><table><tr><th>#</th><th>shot</th><th>scene</th><th>frames</th>"
-               "<th>chunks</th><th>planned GPU-s</th><th>actual GPU-s</th><th>retries</th>"
-               "<th>seam scores</th><th>prompt</th></tr>")
+
+def _shots_section(plan: RenderPlan, shot_rows: dict, seams: dict[str, Sequence[float]], *,
+                   has_manifest: bool) -> list[str]:
+    e = html.escape
+    out = ["<h2>Shots</h2><table><tr><th>#</th><th>shot</th><th>scene</th><th>frames</th>"
+           "<th>chunks</th><th>planned GPU-s</th><th>actual GPU-s</th><th>retries</th>"
+           "<th>seam scores</th><th>prompt</th></tr>"]
     planned_total, actual_total, retries_total = 0.0, 0.0, 0
     for s in plan.shots:
         row = shot_rows[s.shot_id]
@@ -209,22 +217,23 @@ def render_report(
             f'<td class="n">{_num(row["actual_s"])}</td><td class="n">{row["retries"]}{failed}</td>'
             f'<td>{score_html}</td><td class="prompt">{e(s.prompt)}{errors}</td></tr>')
     out.append(f'<tr><th colspan="5">total</th><th class="n">{_num(planned_total)}</th>'
-               f'<th class="n">{_num(actual_total if manifest is not None else None)}</th>'
+               f'<th class="n">{_num(actual_total if has_manifest else None)}</th>'
                f'<th class="n">{retries_total}</th><th colspan="2"></th></tr></table>')
+    return out
 
-    # Workers
-    out.append("<h2>Workers</h2>")
-    if workers:
-        busy = sum(w["render_s"] for w in workers.values()) or 1.0
-        out.append("<table><tr><th>worker</th><th>node</th><th>chunks</th><th>render s</th>"
-                   "<th>share</th></tr>")
-        for name, w in sorted(workers.items()):
-            out.append(
-                f"<tr><td>{e(str(name))}</td><td>{e(str(w['node'] or ''))}</td>"
-                f'<td class="n">{w["chunks"]}</td><td class="n">{_num(w["render_s"])}</td>'
-                f'<td class="n">{100 * w["render_s"] / busy:.0f}%</td></tr>')
-        out.append("</table>")
-    else:
-        out.append('<p class="muted">no manifest rows with a worker</p>')
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+
+def _workers_section(workers: dict) -> list[str]:
+    e = html.escape
+    out = ["<h2>Workers</h2>"]
+    if not workers:
+        return out + ['<p class="muted">no manifest rows with a worker</p>']
+    busy = sum(w["render_s"] for w in workers.values()) or 1.0
+    out.append("<table><tr><th>worker</th><th>node</th><th>chunks</th><th>render s</th>"
+               "<th>share</th></tr>")
+    for name, w in sorted(workers.items()):
+        out.append(
+            f"<tr><td>{e(str(name))}</td><td>{e(str(w['node'] or ''))}</td>"
+            f'<td class="n">{w["chunks"]}</td><td class="n">{_num(w["render_s"])}</td>'
+            f'<td class="n">{100 * w["render_s"] / busy:.0f}%</td></tr>')
+    out.append("</table>")
+    return out

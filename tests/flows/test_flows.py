@@ -10,7 +10,7 @@ import yaml
 from reelfarm.cluster.manifest import read_manifest
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.flows.deploy import build_deployment
-from reelfarm.flows.film import render_campaign_flow, render_film_flow
+from reelfarm.flows.film import render_campaign_flow, render_film_flow, resume_flow
 from reelfarm.flows.plan import plan_film
 from reelfarm.flows.render import load_run, render_cells
 from reelfarm.render.ffmpeg import probe
@@ -103,6 +103,11 @@ def test_campaign_flow_renders_every_cell_and_shares_chunks(tmp_path):
     resumed = render_cells(run, str(out), Settings())
     assert all(r.exit_code == 0 and not r.summary.rendered for r in resumed.values())
     assert sum(len(r.summary.cached) for r in resumed.values()) == cells["warm"]["chunks"] * 2
+    # Resume through Prefect: the same run function, recorded as the `resume` flow.
+    again = resume_flow(str(out), Settings())
+    assert set(again["cells"]) == {"warm", "bold"}
+    assert all(c["rendered"] == 0 and c["ok"] for c in again["cells"].values())
+    assert any(r.state_type.value == "COMPLETED" for r in _flow_runs("resume"))
 
     deployment = build_deployment(str(spec), str(out))
     assert deployment.name == "tiny-launch"
