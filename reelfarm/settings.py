@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings"]
 
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
         chunk_delay_s: a throttle that makes every chunk take at least this long; for
             demos and failure drills (like Flamenco's sleep jobs). 0 in production.
         storage_options: fsspec options for OUT (e.g. an S3 endpoint and keys).
+        allowed_read_roots: folders and URL prefixes (``s3://studio-refs/``,
+            ``https://cdn.example.com/refs/``) a spec may read references, audio and a base
+            film from, besides its own folder and below. Symlinks are resolved before the
+            check. ``REELFARM_ALLOWED_READ_ROOTS`` takes a comma-separated list or a JSON list.
     """
 
     model_config = SettingsConfigDict(env_prefix="REELFARM_", extra="ignore")
@@ -49,3 +54,15 @@ class Settings(BaseSettings):
     chunk_delay_s: float = Field(0.0, ge=0.0)
     # Excluded from dumps: credentials never become Prefect flow parameters (stored in its DB).
     storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    allowed_read_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("allowed_read_roots", mode="before")
+    @classmethod
+    def _roots(cls, v: Any) -> Any:
+        """``REELFARM_ALLOWED_READ_ROOTS``: ``/data/refs,s3://studio-refs/`` or a JSON list."""
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return v
