@@ -1,8 +1,9 @@
 """Start or join Ray, in one place, and see what the cluster offers.
 
-With no address an embedded local instance is started, sized to the machine, dashboard
-on loopback; with an address (``auto``, ``HOST:PORT``, ``ray://...``) an existing cluster
-is joined. Ray's token authentication is left as Ray sets it (on by default since 2.52).
+With no address (and no ``RAY_ADDRESS``) an embedded local instance of reelfarm's own is
+started, sized to the machine, dashboard on loopback: never a cluster another process
+started here. With an address (``auto``, ``HOST:PORT``, ``ray://...``, or ``RAY_ADDRESS``)
+an existing cluster is joined. Ray's token authentication is left as Ray sets it (on by default since 2.52).
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     started = False
     if not ray.is_initialized():
         kwargs: dict = {"log_to_driver": False, "configure_logging": False}
+        address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
-                     dashboard_host=dashboard_host, **kwargs)
+            # "local": always a new instance of our own, never whatever cluster was last
+            # started on this machine (which a bare ray.init() would join).
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                     include_dashboard=include_dashboard, dashboard_host=dashboard_host, **kwargs)
             started = True
     res = ray.cluster_resources()
     info = ClusterInfo(
