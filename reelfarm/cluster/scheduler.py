@@ -7,7 +7,13 @@ Rules the scheduler keeps:
 2. A chunk is ready when the chunk it continues from is committed.
 3. Among ready chunks: those for the model a worker already holds first, then the
    longest remaining chain (estimate of the chunk and everything that waits on it).
-4. Each worker has one chunk running and ``queue_depth - 1`` queued behind it.
+   Estimates are learned: once chunks of a cost class (family, resolution, steps) finish,
+   that class's measured seconds per frame replace the planner's estimate, and the
+   chains are weighed again, so a wrong cost model does not hold the critical path. With
+   more than one worker, the first ready chunk of a class not yet started goes first (a
+   probe), so every class is measured early.
+4. Each worker has one chunk running and ``queue_depth - 1`` queued behind it; idle
+   workers are given a chunk before busy ones queue another.
 5. Failures by class: worker or node lost, timeout -> retry elsewhere; out of memory ->
    retry with low-memory settings; bad input or model error -> fail the chunk now; the
    chunk it continues from unreadable -> render that one again, then this one.
@@ -57,6 +63,7 @@ __all__ = [
     "WorkerDown",
     "WorkerReady",
     "chain_estimates",
+    "cost_class",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +82,10 @@ class Job:
         model: the load key of the model it needs (workers holding it are preferred).
         depends_on: key of the chunk it continues from, if any.
         payload: what the adapter needs to run it (opaque here).
+        cost: the cost class its measured seconds are pooled in (see :func:`cost_class`);
+            ``None``: the model's load key.
+        frames: frames it renders (measured costs are learned per frame); 0: learned per
+            estimated second instead.
     """
 
     key: str
@@ -84,6 +95,20 @@ class Job:
     model: str
     depends_on: str | None = None
     payload: Any = None
+    cost: str | None = None
+    frames: int = 0
+
+
+def cost_class(family: str, width: int, height: int, steps: int) -> str:
+    """The class chunks pool their measured cost in: one model family, size and step count."""
+    return f"{family}/{width}x{height}/{steps}"
+
+
+# Learned costs: weigh the chains again when a class's rate moves more than this, checked
+# when its sample count reaches a power of two; a re-weigh is O(chunks), so one waits for
+# RELEARN_EVERY of the chunks to finish after the last (changes meanwhile are pooled).
+RELEARN_DRIFT = 0.10
+RELEARN_EVERY = 0.001
 
 
 @dataclass(frozen=True)
@@ -211,7 +236,7 @@ Decision = Submit | Kill | Spawn | Requeue | Fail
 
 
 # --- internal state -----------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class _Task:
     job: Job
     priority: float
@@ -221,7 +246,7 @@ class _Task:
     loads: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Worker:
     wid: str
     node: str
@@ -230,6 +255,7 @@ class _Worker:
     head_since: float = 0.0
     started: bool = False
     alive: bool = True
+    rank: int = 0  # creation order: workers are filled in this order
 
 
 def chain_estimates(jobs: Iterable[Job]) -> dict[str, float]:
@@ -256,13 +282,16 @@ class Scheduler:
         done: keys already committed (not rendered; their dependants are ready).
         blocklist: nodes blocklisted earlier in the same farm's life (updated in place).
         node_failures: failures per node so far (updated in place).
+        learn: learn costs from measured chunks (rule 3); False keeps the planner's estimates.
     """
 
     def __init__(self, jobs: Iterable[Job], rules: Rules, *, clock: Callable[[], float],
                  done: Iterable[str] = (), blocklist: set[str] | None = None,
-                 node_failures: dict[str, int] | None = None) -> None:
+                 node_failures: dict[str, int] | None = None, learn: bool = True) -> None:
         self.rules = rules
         self.clock = clock
+        self.learn = learn
+        self._handlers: dict[type, Callable[[Any], None]] = {}
         self.jobs = {j.key: j for j in jobs}
         self.done: set[str] = set(done)
         self.blocklist = blocklist if blocklist is not None else set()
@@ -276,10 +305,29 @@ class Scheduler:
         self.nodes: dict[str, tuple[int, bool]] = {}  # node -> (slots, gpu)
         self._spawning: dict[str, int] = {}
         self._chain = chain_estimates(self.jobs.values())
-        self._ready: list[tuple[float, int, _Task]] = []
+        # Ready chunks, one heap per (model, cost class): a pick looks at each heap's top.
+        self._heaps: dict[tuple[str, str], list[tuple[float, int, _Task]]] = {}
+        self._started: set[str] = set()  # cost classes with a chunk submitted
+        self._unstarted = {j.cost or j.model for j in self.jobs.values()}  # not yet probed
+        self._n_ready = 0
         self._waiting: dict[str, list[_Task]] = {}
         self._seq = itertools.count()
         self._out: list[Decision] = []
+        self._hungry: set[str] = set()  # alive workers with room in their queue
+        self._n_alive = 0
+        self._n_queued = 0  # chunks queued on alive workers
+        self._ranks = itertools.count()
+        # Learned costs: class -> [seconds, size, samples] from chunks that loaded no model,
+        # and the same from chunks that did (a load is not the chunk's cost, but it is the
+        # only measure of a class whose chunks all ran first on their worker so far).
+        self.learned: dict[str, list[float]] = {}
+        self._learned_loaded: dict[str, list[float]] = {}
+        self._rate_used: dict[str, float] = {}  # the rate each class's chains were weighed with
+        self.rechains = 0
+        self._stale = False  # a class's rate moved: weigh the chains again
+        self._since_rechain = 0
+        self._rechain_every = max(1, int(RELEARN_EVERY * len(self.jobs)))
+        self._kids: dict[str, list[str]] | None = None  # key -> keys continuing from it
         self.remaining = 0
         for job in self.jobs.values():
             if job.key not in self.done:
@@ -294,14 +342,30 @@ class Scheduler:
     def alive(self) -> list[str]:
         return [w.wid for w in self.workers.values() if w.alive]
 
+    def rate(self, cls: str) -> float | None:
+        """Learned seconds per frame (or per estimated second) of a cost class; None: none yet."""
+        acc = self.learned.get(cls) or self._learned_loaded.get(cls)
+        return acc[0] / acc[1] if acc is not None and acc[1] > 0 else None
+
+    def estimate(self, job: Job) -> float:
+        """GPU-seconds ``job`` is expected to take: learned for its class, else the planner's."""
+        r = self.rate(job.cost or job.model)
+        if r is None:
+            return job.est_s
+        return r * (job.frames if job.frames > 0 else job.est_s)
+
     def running(self) -> dict[str, str]:
         """Worker -> key of the chunk it is running now."""
         return {w.wid: w.queue[0].job.key for w in self.workers.values() if w.alive and w.queue}
 
     def on(self, event: Event) -> list[Decision]:
         """Apply one event; return the decisions it leads to, in order."""
-        handler = getattr(self, "_on_" + type(event).__name__)
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            handler = self._handlers[type(event)] = getattr(self, "_on_" + type(event).__name__)
         handler(event)
+        if self._stale and self._since_rechain >= self._rechain_every:
+            self._rechain()
         if not self.finished:
             self._dispatch()
             self._check_capacity()
@@ -324,7 +388,15 @@ class Scheduler:
     def _on_WorkerReady(self, e: WorkerReady) -> None:  # noqa: N802
         if self._spawning.get(e.node):
             self._spawning[e.node] -= 1
-        self.workers[e.worker] = _Worker(e.worker, e.node, model=e.holds, started=e.holds is not None)
+        old = self.workers.get(e.worker)
+        if old is not None and old.alive:
+            self._n_alive -= 1
+            self._n_queued -= len(old.queue)
+        rank = old.rank if old is not None else next(self._ranks)
+        self.workers[e.worker] = _Worker(e.worker, e.node, model=e.holds, started=e.holds is not None,
+                                         rank=rank)
+        self._n_alive += 1
+        self._hungry.add(e.worker)
 
     def _on_ChunkDone(self, e: ChunkDone) -> None:  # noqa: N802
         head = self._pop_head(e.worker, e.key)
@@ -335,6 +407,8 @@ class Scheduler:
         self.done.add(key)
         self.rendered.append(key)
         self.remaining -= 1
+        if e.seconds > 0 and self.learn:
+            self._learn(task, e.seconds)
         for dep in self._waiting.pop(key, []):
             self._make_ready(dep)
 
@@ -367,7 +441,8 @@ class Scheduler:
             if not (w.alive and w.queue):
                 continue
             task = w.queue[0]
-            limit = max(r.timeout_floor_s, r.timeout_factor * task.job.est_s)
+            # A learned cost only lengthens the limit: an estimate 3x low must not kill.
+            limit = max(r.timeout_floor_s, r.timeout_factor * max(task.job.est_s, self.estimate(task.job)))
             if task.loads:  # loading a model (and starting a worker) is not rendering
                 limit += r.load_timeout_s
             if now - w.head_since > limit:
@@ -387,7 +462,14 @@ class Scheduler:
             self._make_ready(task)
 
     def _make_ready(self, task: _Task) -> None:
-        heapq.heappush(self._ready, (-task.priority, next(self._seq), task))
+        job = task.job
+        task.priority = self._priority(job)
+        hk = (job.model, job.cost or job.model)
+        heap = self._heaps.get(hk)
+        if heap is None:
+            heap = self._heaps[hk] = []
+        heapq.heappush(heap, (-task.priority, next(self._seq), task))
+        self._n_ready += 1
 
     def _pop_head(self, wid: str, key: str) -> tuple[_Worker, _Task] | None:
         """The worker and the chunk it ran; None for news of a worker already taken out."""
@@ -396,38 +478,81 @@ class Scheduler:
             logger.debug("ignoring the result of %s from %s: no longer its running chunk", key, wid)
             return None
         task = w.queue.popleft()
+        self._n_queued -= 1
+        self._hungry.add(wid)
         w.head_since = self.clock()
         return w, task
 
+    def _best(self, heap: list[tuple[float, int, _Task]], w: _Worker, multi: bool) -> int | None:
+        """Index in ``heap`` of its best chunk ``w`` may take (not one that just failed there)."""
+        if not heap:
+            return None
+        if not (multi and heap[0][2].avoid == w.wid):
+            return 0
+        allowed = [i for i, (_, _, t) in enumerate(heap) if t.avoid != w.wid]  # rare: a retry
+        return min(allowed, key=lambda i: heap[i][:2]) if allowed else None
+
     def _pick(self, w: _Worker, multi: bool) -> _Task | None:
-        """Best ready task for ``w``: its own model first, then the longest chain."""
-        ready = self._ready
-        if not ready:
+        """Best ready task for ``w``: a probe of an unmeasured class, its own model, the longest chain."""
+        if not self._n_ready:
             return None
-        top = ready[0][2]
-        if (w.model is None or top.job.model == w.model) and not (multi and top.avoid == w.wid):
-            return heapq.heappop(ready)[2]  # the usual case: one model, O(log n)
-        allowed = [i for i, (_, _, t) in enumerate(ready) if not (multi and t.avoid == w.wid)]
-        if not allowed:
+        if w.model is not None and not self._unstarted:  # the usual case: its own model's best
+            own_heaps = [h for (m, _), h in self._heaps.items() if m == w.model and h]
+            if len(own_heaps) == 1 and not (multi and own_heaps[0][0][2].avoid == w.wid):
+                self._n_ready -= 1
+                return heapq.heappop(own_heaps[0])[2]
+        best: tuple[Any, int] | None = None  # (heap, index) per tier: probe, own model, any
+        own: tuple[Any, int] | None = None
+        probe: tuple[Any, int] | None = None
+        for (model, cls), heap in self._heaps.items():
+            i = self._best(heap, w, multi)
+            if i is None:
+                continue
+            rank = heap[i][:2]
+            if best is None or rank < best[0][best[1]][:2]:
+                best = (heap, i)
+            if model == w.model and (own is None or rank < own[0][own[1]][:2]):
+                own = (heap, i)
+            if multi and self.learn and cls not in self._started and (probe is None or rank < probe[0][probe[1]][:2]):
+                probe = (heap, i)
+        choice = probe or own or best
+        if choice is None:
             return None
-        same = [i for i in allowed if ready[i][2].job.model == w.model]
-        best = min(same or allowed, key=lambda i: ready[i][:2])
-        item = ready[best]
-        ready[best] = ready[-1]
-        ready.pop()
-        heapq.heapify(ready)
+        heap, i = choice
+        self._n_ready -= 1
+        if i == 0:
+            return heapq.heappop(heap)[2]
+        item = heap[i]
+        heap[i] = heap[-1]
+        heap.pop()
+        heapq.heapify(heap)
         return item[2]
 
     def _dispatch(self) -> None:
-        multi = len(self.alive()) > 1
-        for w in self.workers.values():
-            if not self._ready:
+        if not self._n_ready or not self._hungry:
+            return
+        multi = self._n_alive > 1
+        depth = self.rules.queue_depth
+        hungry = self._hungry
+        order = sorted(hungry, key=lambda wid: self.workers[wid].rank) if len(hungry) > 1 else list(hungry)
+        # Breadth first: an idle worker gets a chunk before a busy one queues a second, and
+        # none queues a second while workers still starting could take what is ready.
+        coming = sum(self._spawning.values()) if depth > 1 else 0
+        for level in range(1, depth + 1):
+            if level > 1 and self._n_ready <= coming:
                 return
-            while w.alive and len(w.queue) < self.rules.queue_depth:
+            for wid in order:
+                w = self.workers[wid]
+                if len(w.queue) >= level:
+                    continue
                 task = self._pick(w, multi)
                 if task is None:
-                    break
+                    continue
                 self._submit(w, task)
+                if len(w.queue) >= depth:
+                    hungry.discard(wid)
+                if not self._n_ready:
+                    return
 
     def _submit(self, w: _Worker, task: _Task) -> None:
         task.attempts += 1
@@ -437,7 +562,80 @@ class Scheduler:
         if not w.queue:
             w.head_since = self.clock()
         w.queue.append(task)
+        self._n_queued += 1
+        cls = task.job.cost or task.job.model
+        if cls in self._unstarted:
+            self._started.add(cls)
+            self._unstarted.discard(cls)
         self._out.append(Submit(task.job.key, w.wid, task.attempts, task.low_memory, task.loads))
+
+    # --- learned costs ---------------------------------------------------------------------
+    def _learn(self, task: _Task, seconds: float) -> None:
+        """Pool a measured cost in its class; mark the chains stale when the rate moved."""
+        self._since_rechain += 1
+        job = task.job
+        size = job.frames if job.frames > 0 else job.est_s
+        if size <= 0:
+            return
+        cls = job.cost or job.model
+        pools = self._learned_loaded if task.loads else self.learned
+        if task.loads and cls in self.learned:
+            return  # clean samples exist: a load would only blur them
+        acc = pools.get(cls)
+        if acc is None:
+            acc = pools[cls] = [0.0, 0.0, 0]
+        acc[0] += seconds
+        acc[1] += size
+        acc[2] += 1
+        n = int(acc[2])
+        if n & (n - 1):
+            return  # checked at 1, 2, 4, 8... samples
+        new = self.rate(cls) or 0.0
+        used = self._rate_used.get(cls, job.est_s / size)  # at first: the planner's implied rate
+        if abs(new - used) > RELEARN_DRIFT * used:
+            self._rate_used[cls] = new
+            self._stale = True
+
+    def _rechain(self) -> None:
+        """Longest remaining chains again, with learned costs; ready chunks re-ordered."""
+        self.rechains += 1
+        self._stale = False
+        self._since_rechain = 0
+        rates = {cls: r for cls in {*self.learned, *self._learned_loaded} if (r := self.rate(cls))}
+        chain: dict[str, float] = {}
+        children = self._children()
+        done = self.done
+        for job in reversed(list(self.jobs.values())):
+            key = job.key
+            if key in done:
+                continue  # what is done waits on nothing; its chain no longer matters
+            r = rates.get(job.cost or job.model)
+            est = job.est_s if r is None else r * (job.frames if job.frames > 0 else job.est_s)
+            kids = children.get(key)
+            chain[key] = est + (max(chain.get(k, 0.0) for k in kids) if kids else 0.0)
+        self._chain = chain
+        for heap in self._heaps.values():
+            for i, (_, seq, task) in enumerate(heap):
+                task.priority = chain[task.job.key]
+                heap[i] = (-task.priority, seq, task)
+            heapq.heapify(heap)
+
+    def _priority(self, job: Job) -> float:
+        """``job``'s chain: weighed already, or (done when last weighed) weighed now."""
+        p = self._chain.get(job.key)
+        if p is None:
+            kids = self._children().get(job.key, ())
+            p = self.estimate(job) + max((self._chain.get(k, 0.0) for k in kids), default=0.0)
+        return p
+
+    def _children(self) -> dict[str, list[str]]:
+        if self._kids is None:
+            kids: dict[str, list[str]] = {}
+            for j in self.jobs.values():
+                if j.depends_on and j.depends_on in self.jobs:
+                    kids.setdefault(j.depends_on, []).append(j.key)
+            self._kids = kids
+        return self._kids
 
     # --- failures -------------------------------------------------------------------------
     def _fail(self, task: _Task, error: str) -> None:
@@ -470,7 +668,7 @@ class Scheduler:
         logger.warning("%s: rendering its dependency %s again (%s)", task.job.name, dep, error)
         self.rerendered.add(dep)
         self.done.discard(dep)
-        self._add(_Task(self.jobs[dep], self._chain[dep]))
+        self._add(_Task(self.jobs[dep], self._priority(self.jobs[dep])))
         self._waiting.setdefault(dep, []).append(task)
 
     def _lose(self, w: _Worker, *, cause: FarmError | None, kill: bool = False,
@@ -479,6 +677,9 @@ class Scheduler:
         if not w.alive:
             return
         w.alive = False
+        self._n_alive -= 1
+        self._n_queued -= len(w.queue)
+        self._hungry.discard(w.wid)
         if kill:
             self._out.append(Kill(w.wid, str(cause) if cause else "blocklisted"))
         first = True
@@ -528,12 +729,14 @@ class Scheduler:
         No worker alive and none coming: every chunk left fails. Nothing ready and nothing
         running while chunks still wait: their dependencies will never come.
         """
-        alive = self.alive()
-        if not alive and not any(self._spawning.values()) and self.workers:
-            for _, _, task in list(self._ready):
-                self._fail(task, "no worker left: every node is lost or blocklisted")
-            self._ready.clear()
-        elif self._ready or any(self.workers[w].queue for w in alive):
+        if not self._n_alive and not any(self._spawning.values()) and self.workers:
+            heaps = list(self._heaps.values())
+            self._heaps = {}
+            self._n_ready = 0
+            for heap in heaps:
+                for _, _, task in sorted(heap, key=lambda item: item[:2]):
+                    self._fail(task, "no worker left: every node is lost or blocklisted")
+        elif self._n_ready or self._n_queued:
             return
         for key in list(self._waiting):
             for t in self._waiting.pop(key, []):
