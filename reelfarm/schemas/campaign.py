@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from reelfarm.schemas.film import SPEC_VERSION, Film, Slug
+from reelfarm.schemas.film import MAX_CAMPAIGN_CELLS, SPEC_VERSION, Film, Slug
 
 __all__ = ["Campaign", "CampaignCell", "MatrixValue", "Schedule"]
 
@@ -36,6 +36,8 @@ class Schedule(_Strict):
             CronSim(v, datetime(2026, 1, 1))
         except CronSimError as e:
             raise ValueError(f"not a valid cron line {v!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - cronsim has crashed on odd lines; refuse them too
+            raise ValueError(f"not a valid cron line {v!r}: {type(e).__name__}") from None
         return v
 
     @field_validator("timezone")
@@ -69,9 +71,15 @@ class Campaign(_Strict):
     @field_validator("matrix")
     @classmethod
     def _non_empty_axes(cls, v: dict[str, dict[str, MatrixValue]]) -> dict[str, dict[str, MatrixValue]]:
+        cells = 1
         for axis, values in v.items():
             if not values:
                 raise ValueError(f"axis {axis!r} has no values")
+            cells *= len(values)
+        # Counted, not built: a matrix of ten axes of ten values is ten billion cells.
+        if cells > MAX_CAMPAIGN_CELLS:
+            raise ValueError(f"the matrix makes more than {MAX_CAMPAIGN_CELLS} cells, the limit per campaign "
+                             f"(MAX_CAMPAIGN_CELLS), got {cells} cells")
         return v
 
     @property

@@ -3,7 +3,21 @@
 Strict (`extra="forbid"`) and frozen. Time is integer frames at a rational frame rate;
 seconds are converted to frames in exactly one place, :func:`seconds_to_frames`.
 Checks that need more than one field (unknown characters, duplicate ids, transitions
-longer than a neighbour...) live in :mod:`reelfarm.schemas.checks`, which knows file lines.
+longer than a neighbour...) live in :mod:`reelfarm.schemas.loader`, which knows file lines.
+
+Limits. Every size a spec can ask for is bounded here, in one place, so that a typo
+(``duration: 1000000000000``) is refused at load instead of growing the planner's memory:
+
+- ``MAX_SPEC_BYTES``: the size of a spec file (film, campaign or base film).
+- ``MAX_SPEC_NODES``: values in one spec document, YAML aliases counted as often as they
+  are used (so an alias "billion laughs" cannot expand).
+- ``MAX_REFERENCE_BYTES``: the size of one reference image the loader reads and hashes.
+- ``MAX_SHOT_FRAMES``: frames in one shot, written as ``frames`` or as ``duration``.
+- ``MAX_FILM_FRAMES``: frames of all the shots of one film together.
+- ``MAX_PIXEL_FRAMES``: width x height x frames of one film.
+- ``MAX_CHUNKS``: chunks one load may plan: a film's, or a campaign's cells together
+  (estimated exactly as the planner cuts shots, see :func:`estimate_chunks`).
+- ``MAX_CAMPAIGN_CELLS``: cells of a campaign matrix (checked before any cell is built).
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -33,17 +48,39 @@ __all__ = [
     "DiffusersModel",
     "Film",
     "FrameRate",
+    "MAX_CAMPAIGN_CELLS",
+    "MAX_CHUNKS",
+    "MAX_FILM_FRAMES",
+    "MAX_PIXEL_FRAMES",
+    "MAX_REFERENCE_BYTES",
+    "MAX_SHOT_FRAMES",
+    "MAX_SPEC_BYTES",
+    "MAX_SPEC_NODES",
     "ModelSpec",
     "Output",
     "Scene",
     "Shot",
     "Slug",
     "Transition",
+    "estimate_chunks",
     "parse_frame_rate",
     "seconds_to_frames",
+    "size_problems",
 ]
 
 SPEC_VERSION = 1
+
+# --- limits (see the module docstring) ------------------------------------------------------
+MAX_SPEC_BYTES = 4 * 2**20  # 4 MiB: thousands of shots
+MAX_SPEC_NODES = 200_000  # about 10,000 shots written out in full
+MAX_REFERENCE_BYTES = 64 * 2**20  # a reference is one still image
+MAX_SHOT_FRAMES = 1_000_000  # 11.5 hours at 24 fps
+MAX_FILM_FRAMES = 2_000_000  # 23 hours at 24 fps, 9 hours at 60 fps
+MAX_PIXEL_FRAMES = 4 * 10**12  # 5.5 hours of 3840x2160
+MAX_CHUNKS = 100_000  # a three-hour film cut into 48-frame chunks is about 6,500
+MAX_CAMPAIGN_CELLS = 1_000
+
+_RATE_TEXT = re.compile(r"\s*\d{1,9}(\.\d{1,9})?\s*(/\s*\d{1,9}\s*)?")
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 # Common NTSC rates written as decimals map to their exact rational rate.
 _NTSC = {23.976: Fraction(24000, 1001), 29.97: Fraction(30000, 1001), 59.94: Fraction(60000, 1001)}
@@ -72,8 +109,13 @@ def parse_frame_rate(value: Any) -> Fraction:
     elif isinstance(value, int):
         rate = Fraction(value)
     elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"frame rate must be between 1 and 240, got {value!r}")
         rate = _NTSC.get(round(value, 3)) or Fraction(value).limit_denominator(1001)
     elif isinstance(value, str):
+        # Only plain decimals and N/D: Fraction("1e999999999") would compute 10**999999999.
+        if not _RATE_TEXT.fullmatch(value):
+            raise ValueError(f"frame rate must be a number or 'N/D', got {value!r}")
         try:
             rate = Fraction(value.strip())
         except (ValueError, ZeroDivisionError):
@@ -95,6 +137,17 @@ FrameRate = Annotated[Fraction, PlainSerializer(_fraction_out, return_type=Any)]
 def seconds_to_frames(seconds: float, fps: Fraction) -> int:
     """The one place seconds become frames: the nearest whole frame, halves rounded up."""
     return math.floor(Fraction(seconds).limit_denominator(1_000_000) * fps + Fraction(1, 2))
+
+
+def estimate_chunks(frames: int, per_chunk: int, overlap: int) -> int:
+    """How many chunks the planner cuts a shot of ``frames`` into (exactly, without a list).
+
+    Chunks start ``per_chunk - overlap`` apart; the last one reaches the shot's end.
+    """
+    if frames <= per_chunk:
+        return 1
+    stride = max(per_chunk - overlap, 1)
+    return 1 + -(-(frames - per_chunk) // stride)
 
 
 class _Strict(BaseModel):
@@ -226,13 +279,21 @@ class Shot(_Strict):
 
     id: Slug
     duration: float | None = Field(None, gt=0, allow_inf_nan=False, description="seconds; or `frames`")
-    frames: int | None = Field(None, gt=0, le=1_000_000)
+    frames: int | None = Field(None, gt=0)
     prompt: str = Field(..., min_length=1, max_length=4000)
     characters: tuple[str, ...] = ()  # names checked against the film in checks.py
     camera: Camera = Camera()
     transition: Transition = Transition()
     seed: int | None = Field(None, ge=0, lt=2**63)
     model: ModelSpec | None = Field(None, description="this shot's model; the loader merges it")
+
+    @field_validator("frames")
+    @classmethod
+    def _bounded_frames(cls, v: int | None) -> int | None:
+        if v is not None and v > MAX_SHOT_FRAMES:
+            raise ValueError(f"`frames` is more than {MAX_SHOT_FRAMES} frames, the limit per shot "
+                             f"(MAX_SHOT_FRAMES), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _length(self) -> Shot:
@@ -299,6 +360,15 @@ class Film(_Strict):
             raise ValueError(f"width and height must be even (yuv420p), got {list(v)}")
         return v
 
+    @model_validator(mode="after")
+    def _bounded(self, info: ValidationInfo) -> Film:
+        # The loader reports these itself, each at its own line (see size_problems).
+        if not (isinstance(info.context, dict) and info.context.get("sizes_checked_by_loader")):
+            problems = size_problems(self)
+            if problems:
+                raise ValueError(problems[0][1])
+        return self
+
     # --- derived values -------------------------------------------------------------
     def shots(self) -> list[tuple[Scene, Shot]]:
         """Every shot in film order, with its scene."""
@@ -315,3 +385,41 @@ class Film(_Strict):
     def height(self) -> int:
         return self.resolution[1]
 
+
+
+def size_problems(film: Film) -> list[tuple[tuple[str | int, ...], str]]:
+    """``(field path, message)`` for each size of ``film`` over its limit (see the module doc)."""
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    total = chunks = 0
+    for si, scene in enumerate(film.scenes):
+        for ti, shot in enumerate(scene.shots):
+            frames = shot.frame_count(film.fps)
+            if frames > MAX_SHOT_FRAMES:
+                seconds = float(MAX_SHOT_FRAMES / film.fps)
+                fps = _fraction_out(film.fps)
+                out.append((("scenes", si, "shots", ti, "duration"),
+                            f"`duration` is longer than {MAX_SHOT_FRAMES} frames ({seconds:g} s at {fps} fps), "
+                            f"the limit per shot (MAX_SHOT_FRAMES), got {shot.duration}"))
+                continue
+            model = film.model_for(shot)
+            total += max(frames, 0)
+            chunks += estimate_chunks(frames, model.frames_per_chunk, model.overlap)
+    if out:
+        return out  # the totals of an unbounded shot say nothing more
+    w, h = film.resolution
+    if total > MAX_FILM_FRAMES:
+        out.append((("scenes",), f"the shots add up to more than {MAX_FILM_FRAMES} frames, the limit per "
+                                 f"film (MAX_FILM_FRAMES), got {total} frames"))
+    if w * h * total > MAX_PIXEL_FRAMES:
+        out.append((("resolution",), f"width x height x frames is more than {MAX_PIXEL_FRAMES} pixel-frames, "
+                                     f"the limit per film (MAX_PIXEL_FRAMES), got {w}x{h} x {total} frames"))
+    if chunks > MAX_CHUNKS:
+        out.append((("scenes",), f"the shots plan more than {MAX_CHUNKS} chunks, the limit per load "
+                                 f"(MAX_CHUNKS), got {chunks} chunks"))
+    return out
+
+
+def film_chunks(film: Film) -> int:
+    """The chunks the planner cuts ``film`` into (see :func:`estimate_chunks`)."""
+    return sum(estimate_chunks(shot.frame_count(film.fps), film.model_for(shot).frames_per_chunk,
+                               film.model_for(shot).overlap) for _, shot in film.shots())

@@ -4,11 +4,18 @@ Every problem is reported before any work starts, as ``file:line path: message``
 ``film.yaml:23 scenes[0].shots[2].characters[1]: unknown character 'mothh' (known: flame, moth)``.
 A loaded film has absolute reference URLs and each reference's sha256 filled in, so the
 planner can stay pure.
+
+Schema errors and reference errors (unknown characters, duplicate ids) come in one pass,
+with the nearest valid name suggested for a misspelt key, choice or character. Sizes are
+bounded by the limits in :mod:`reelfarm.schemas.film`. The loader reads references, the
+soundtrack and a campaign's base film only from the spec's own folder (and below) and from
+the roots the operator allows (``allowed_roots=``, the ``allowed_read_roots`` setting).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import io
 import itertools
@@ -17,18 +24,30 @@ import os
 import posixpath
 import re
 import string
-from typing import Any, Callable
+import types
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Any, Callable, Union, get_args, get_origin
 
 import fsspec
 from pydantic import BaseModel, ValidationError
 
 from reelfarm.errors import Issue, SpecError
 from reelfarm.schemas.campaign import Campaign, CampaignCell
-from reelfarm.schemas.film import SPEC_VERSION, Film
+from reelfarm.schemas.film import (
+    MAX_CHUNKS,
+    MAX_REFERENCE_BYTES,
+    MAX_SPEC_BYTES,
+    SPEC_VERSION,
+    Film,
+    film_chunks,
+    size_problems,
+)
 from reelfarm.schemas.source import Source, parse_document
 
 __all__ = [
+    "READ_ROOTS_SETTING",
     "UPGRADES",
+    "audio_format",
     "LoadedCampaign",
     "load_campaign",
     "load_film",
@@ -37,6 +56,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Named in every refusal of a read outside the spec's folder: how an operator allows more.
+READ_ROOTS_SETTING = "`allowed_read_roots` (REELFARM_ALLOWED_READ_ROOTS)"
 
 
 # --- spec versions ----------------------------------------------------------------------
@@ -48,7 +70,8 @@ def _v0_to_v1(raw: dict[str, Any]) -> dict[str, Any]:
     res = raw.get("resolution")
     if isinstance(res, str) and "x" in res:
         w, _, h = res.partition("x")
-        if w.strip().isdigit() and h.strip().isdigit():
+        w, h = w.strip(), h.strip()
+        if w.isascii() and w.isdigit() and h.isascii() and h.isdigit() and len(w) + len(h) < 20:
             raw["resolution"] = [int(w), int(h)]
     raw["reelfarm"] = 1
     return raw
@@ -96,45 +119,238 @@ def resolve_url(ref: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, ref))
 
 
+def _read_bytes(url: str, storage_options: dict[str, Any] | None, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``url`` (one more than allowed tells it is too large)."""
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        return f.read(limit + 1)
+
+
 def _read_text(url: str, storage_options: dict[str, Any] | None) -> str:
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
+        data = _read_bytes(url, storage_options, MAX_SPEC_BYTES)
     except FileNotFoundError:
         raise SpecError([Issue(url, None, "", "spec file not found")]) from None
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - any failure to read is a bad spec location
         raise SpecError([Issue(url, None, "", f"cannot read spec: {e}")]) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError([Issue(url, None, "", f"spec is larger than {MAX_SPEC_BYTES} bytes (MAX_SPEC_BYTES)")])
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError([Issue(url, None, "", "spec is not UTF-8 text")]) from None
 
 
-def _hash_image(url: str, storage_options: dict[str, Any] | None) -> tuple[str | None, str | None]:
-    """(sha256, None) for a readable image, (None, why) otherwise."""
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None, f"reference image not found: {url}"
-    except OSError as e:
-        return None, f"cannot read reference image {url}: {e}"
-    from PIL import Image, UnidentifiedImageError
+def _local_path(url: str) -> str | None:
+    """The local path ``url`` names, or None for a remote URL."""
+    for prefix in ("file://", "local://"):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return None if _has_scheme(url) else url
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return None, f"reference is not a readable image: {url} ({e.__class__.__name__})"
-    return hashlib.sha256(data).hexdigest(), None
+
+def _normal_url(url: str) -> str:
+    """A remote URL with ``.`` and ``..`` segments of its path resolved (query kept)."""
+    scheme, _, rest = url.partition("://")
+    path, sep, query = rest.partition("?")
+    path = posixpath.normpath(path) if path else path
+    return f"{scheme}://{path}{sep}{query}"
+
+
+# Soundtracks must be one of these, told by their first bytes (the stitcher forces the same
+# demuxer), so a playlist or concat script posing as audio is never followed.
+_AUDIO_MAGIC: list[tuple[Callable[[bytes], bool], str]] = [
+    (lambda h: h[:4] == b"RIFF" and h[8:12] == b"WAVE", "wav"),
+    (lambda h: h[:4] == b"fLaC", "flac"),
+    (lambda h: h[:4] == b"OggS", "ogg"),
+    (lambda h: h[4:8] == b"ftyp", "mov"),
+    (lambda h: h[:4] == b"\x1a\x45\xdf\xa3", "matroska"),
+    (lambda h: h[:3] == b"ID3" or (h[0] == 0xFF and h[1] & 0xE6 == 0xE2), "mp3"),
+    (lambda h: h[0] == 0xFF and h[1] & 0xF6 == 0xF0, "aac"),
+]
+_AUDIO_KINDS = "wav, flac, ogg, mp3, aac, mp4/m4a or mkv/webm"
+
+
+def audio_format(head: bytes) -> str | None:
+    """The demuxer for a soundtrack from its first 16 bytes, or None if it is not one we read."""
+    head = head[:16].ljust(16, b"\0")
+    return next((name for test, name in _AUDIO_MAGIC if test(head)), None)
+
+
+class _Reader:
+    """Where the loader may read (folders and URL prefixes), and what it has read.
+
+    A local place is compared by its real path (symlinks resolved) and matches at a folder
+    boundary; a remote one by URL prefix, at a ``/``. Reads are remembered, so campaign
+    cells sharing a reference read it once.
+    """
+
+    def __init__(self, folders: Iterable[str], allowed_roots: Sequence[str],
+                 storage_options: dict[str, Any] | None) -> None:
+        self.storage_options = storage_options
+        self.places = [p for p in (self._place(f) for f in [*folders, *allowed_roots]) if p]
+        self._images: dict[str, tuple[str | None, str | None]] = {}
+        self._audio: dict[str, str | None] = {}
+
+    @staticmethod
+    def _place(root: str) -> str | None:
+        if not isinstance(root, str) or not root.strip():
+            return None
+        local = _local_path(root.strip())
+        if local is not None:
+            return os.path.realpath(os.path.abspath(local))
+        return _normal_url(root.strip()).rstrip("/")
+
+    def with_folder(self, folder: str) -> _Reader:
+        """This reader, also allowed ``folder`` (memories shared)."""
+        out = copy.copy(self)
+        place = self._place(folder)
+        out.places = [*self.places, place] if place else list(self.places)
+        return out
+
+    def refusal(self, url: str) -> str | None:
+        """None when ``url`` may be read, else how to show it in the refusal."""
+        local = _local_path(url)
+        if local is not None:
+            absolute = os.path.abspath(local)
+            real = os.path.realpath(absolute)
+            for place in self.places:
+                if not _has_scheme(place) and (real == place or real.startswith(place.rstrip(os.sep) + os.sep)):
+                    return None
+            return url if real == os.path.normpath(absolute) else f"{url} (a link to {real})"
+        # fsspec chains URLs with "::" (e.g. "simplecache::s3://..."): never allowed by a prefix.
+        target = _normal_url(url)
+        if "::" not in url:
+            for place in self.places:
+                if _has_scheme(place) and (target == place or target.startswith(place + "/")):
+                    return None
+        return url
+
+    def _open(self, url: str) -> Any:
+        local = _local_path(url)
+        if local is not None:  # the path checked, not an fsspec URL that could chain
+            return open(os.path.realpath(local), "rb")  # noqa: SIM115 - closed by the caller
+        return fsspec.open(url, "rb", **(self.storage_options or {}))
+
+    def hash_image(self, url: str) -> tuple[str | None, str | None]:
+        """(sha256, None) for a readable image, (None, why) otherwise."""
+        if url not in self._images:
+            self._images[url] = self._hash_image(url)
+        return self._images[url]
+
+    def _hash_image(self, url: str) -> tuple[str | None, str | None]:
+        try:
+            with self._open(url) as f:
+                data = f.read(MAX_REFERENCE_BYTES + 1)
+        except FileNotFoundError:
+            return None, f"reference image not found: {url}"
+        except Exception as e:  # noqa: BLE001 - whatever the store says, the image cannot be read
+            return None, f"cannot read reference image {url}: {e}"
+        if len(data) > MAX_REFERENCE_BYTES:
+            return None, f"reference image is larger than {MAX_REFERENCE_BYTES} bytes (MAX_REFERENCE_BYTES): {url}"
+        import warnings
+
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:
+                    im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
+            return None, f"reference is not a readable image: {url} ({e.__class__.__name__})"
+        return hashlib.sha256(data).hexdigest(), None
+
+    def probe_audio(self, url: str) -> str | None:
+        """None for a soundtrack with an audio stream, else why not."""
+        if url not in self._audio:
+            self._audio[url] = self._probe_audio(url)
+        return self._audio[url]
+
+    def _probe_audio(self, url: str) -> str | None:
+        try:
+            with self._open(url) as f:
+                fmt = audio_format(f.read(16))
+                if fmt is None:
+                    return f"`audio` {url} is not a sound file ({_AUDIO_KINDS})"
+                f.seek(0)
+                import av
+
+                with av.open(f, format=fmt) as container:
+                    if not container.streams.audio:
+                        return f"`audio` {url} has no audio stream"
+        except FileNotFoundError:
+            return f"audio file not found: {url}"
+        except Exception as e:  # noqa: BLE001 - a demuxer or store failure: not a usable soundtrack
+            return f"`audio` {url} cannot be read: {e.__class__.__name__}"
+        return None
+
+
+def _outside(shown: str, written: Any) -> str:
+    return (f"{shown} is outside the spec's folder and the allowed read roots; allow it with "
+            f"{READ_ROOTS_SETTING}, got {written!r}")
 
 
 # --- pydantic errors -> issues -----------------------------------------------------------
-def _describe(err: dict[str, Any]) -> str:
+def _hint(name: Any, choices: Iterable[Any], quote: str = "`") -> str:
+    """``; did you mean `x`?`` for the valid name nearest ``name``, or nothing."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {quote}{close[0]}{quote}?" if close else ""
+
+
+def _unwrap(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _models_in(tp: Any) -> list[type[BaseModel]]:
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    if get_origin(tp) in (Union, types.UnionType):
+        return [m for arg in get_args(tp) for m in _models_in(arg)]
+    return []
+
+
+def _step(tp: Any, part: Any) -> Any:
+    """The type found at ``part`` (a field, an index, a key or a union tag) inside ``tp``."""
+    tp = _unwrap(tp)
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        models = _models_in(tp)
+        for m in models:  # a discriminated union's tag (model.diffusers.steps)
+            tag = m.model_fields.get("backend")
+            if tag is not None and part in get_args(tag.annotation):
+                return m
+        fields = [m.model_fields[part].annotation for m in models if part in m.model_fields]
+        return fields[0] if len(fields) == 1 else None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(part) if isinstance(part, str) else None
+        return field.annotation if field is not None else None
+    if origin in (tuple, list) and get_args(tp):
+        return get_args(tp)[0]
+    if origin is dict and get_args(tp):
+        return get_args(tp)[1]
+    return None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at pydantic location ``loc`` (the key that was refused dropped)."""
+    tp: Any = model
+    for part in loc[:-1]:
+        tp = _step(tp, part)
+        if tp is None:
+            return []
+    return sorted({name for m in _models_in(tp) for name in m.model_fields})
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
     kind = err["type"]
     loc = err["loc"]
     if kind == "extra_forbidden":
-        return f"unknown key {loc[-1]!r}"
+        return f"unknown key {loc[-1]!r}" + _hint(loc[-1], _fields_at(model, tuple(loc)))
     if kind == "missing":
         return f"missing field `{loc[-1]}`"
     msg = err["msg"]
@@ -144,7 +360,13 @@ def _describe(err: dict[str, Any]) -> str:
     got = repr(err.get("input"))
     if len(got) > 60:
         got = got[:57] + "..."
-    return f"{msg}, got {got}"
+    hint = ""
+    ctx = err.get("ctx") or {}
+    if kind == "literal_error":
+        hint = _hint(err.get("input"), re.findall(r"'([^']*)'", str(ctx.get("expected", ""))), "'")
+    elif kind == "union_tag_invalid":
+        hint = _hint(ctx.get("tag"), re.findall(r"'([^']*)'", str(ctx.get("expected_tags", ""))), "'")
+    return f"{msg}, got {got}{hint}"
 
 
 def _error_path(data: Any, err: dict[str, Any], msg: str) -> tuple[str | int, ...]:
@@ -175,20 +397,21 @@ def _error_path(data: Any, err: dict[str, Any], msg: str) -> tuple[str | int, ..
 
 def _validate(model: type[BaseModel], src: Source, data: dict[str, Any], context: str = "") -> Any:
     try:
-        return model.model_validate(data)
+        # The film's size limits are checked by _check_film, each at its own line.
+        return model.model_validate(data, context={"sizes_checked_by_loader": True})
     except ValidationError as e:
         issues = []
-        errors = e.errors()
+        errors: list[dict[str, Any]] = [dict(err) for err in e.errors()]
         locs = [tuple(err["loc"]) for err in errors]
         for err in errors:
             loc = tuple(err["loc"])
             # A list that is "too short" only because its items failed: report the items.
             if any(other != loc and other[: len(loc)] == loc for other in locs):
                 continue
-            msg = _describe(err)
+            msg = _describe(err, model)
             path = _error_path(data, err, msg)
             issues.append(src.issue(path, f"{context}{msg}"))
-        raise SpecError(_sorted(issues)) from None
+        raise SpecError(_sorted(_dedupe(issues))) from None
 
 
 def _sorted(issues: list[Issue]) -> list[Issue]:
@@ -204,6 +427,18 @@ def _deep_merge(base: Any, over: Any) -> Any:
             out[k] = _deep_merge(base.get(k), v) if k in base else copy.deepcopy(v)
         return out
     return copy.deepcopy(over)
+
+
+def _items(value: Any) -> list[Any]:
+    """The items of a list as written, or none: anything else is for the schema to refuse."""
+    return value if isinstance(value, list) else []
+
+
+def _shots(raw: dict[str, Any]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """``(path, shot)`` for every shot written as a mapping, in film order."""
+    return [(("scenes", si, "shots", ti), shot)
+            for si, scene in enumerate(_items(raw.get("scenes"))) if isinstance(scene, dict)
+            for ti, shot in enumerate(_items(scene.get("shots"))) if isinstance(shot, dict)]
 
 
 def _merge_shot_models(raw: dict[str, Any]) -> dict[str, Any]:
@@ -230,21 +465,26 @@ def _merge_shot_models(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _absolutise(raw: dict[str, Any], base: str) -> dict[str, Any]:
-    """Make reference, audio and local model paths absolute, relative to ``base``."""
+Written = dict[tuple[Any, ...], str]  # path of a reference or the audio -> the value as written
+
+
+def _absolutise(raw: dict[str, Any], base: str) -> tuple[dict[str, Any], Written]:
+    """Make reference, audio and local model paths absolute, relative to ``base``.
+
+    Returns the new document and the values as written (for messages).
+    """
     raw = copy.deepcopy(raw)
+    written: Written = {}
     chars = raw.get("characters")
     if isinstance(chars, dict):
-        for c in chars.values():
+        for name, c in chars.items():
             if isinstance(c, dict) and isinstance(c.get("reference"), str) and c["reference"]:
+                written[("characters", name, "reference")] = c["reference"]
                 c["reference"] = resolve_url(c["reference"], base)
     if isinstance(raw.get("audio"), str) and raw["audio"]:
+        written[("audio",)] = raw["audio"]
         raw["audio"] = resolve_url(raw["audio"], base)
-    models = [raw.get("model")]
-    for scene in raw.get("scenes") or []:
-        for shot in (scene.get("shots") or []) if isinstance(scene, dict) else []:
-            if isinstance(shot, dict):
-                models.append(shot.get("model"))
+    models = [raw.get("model")] + [shot.get("model") for _, shot in _shots(raw)]
     for m in models:
         if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]:
             mid = m["id"]
@@ -252,45 +492,77 @@ def _absolutise(raw: dict[str, Any], base: str) -> dict[str, Any]:
                 local = os.path.normpath(os.path.join(base, mid))
                 if mid.startswith(".") or os.path.isdir(local):
                     m["id"] = local
-    return raw
+    return raw, written
 
 
-def _check_film(film: Film, src: Source, storage_options: dict[str, Any] | None,
-                hash_references: bool) -> Film:
-    """Cross-field checks; returns the film with reference hashes filled in."""
+def _reference_issues(raw: dict[str, Any], src: Source, context: str = "",
+                      characters: bool = True) -> list[Issue]:
+    """What refers to something that is not there, read from the document as written.
+
+    Unknown or twice-listed characters (unless ``characters`` is false: the block has
+    schema errors of its own) and duplicate scene or shot ids. Checked on the raw document,
+    so they are reported together with schema errors, in one pass.
+    """
     issues: list[Issue] = []
-    known = ", ".join(sorted(film.characters)) or "none"
+    chars = raw.get("characters", {})
+    check_chars = characters and isinstance(chars, dict)
+    names = sorted(str(k) for k in chars) if check_chars else []
+    known = ", ".join(names) or "none"
     seen_scenes: dict[str, int] = {}
     seen_shots: dict[str, tuple[int, int]] = {}
-    prev = None  # (shot, frames) of the previous shot in film order
+    for si, scene in enumerate(_items(raw.get("scenes"))):
+        if not isinstance(scene, dict):
+            continue
+        sid = scene.get("id")
+        if isinstance(sid, str):
+            if sid in seen_scenes:
+                issues.append(src.issue(("scenes", si, "id"), f"{context}duplicate scene id {sid!r} "
+                                                              f"(first at scenes[{seen_scenes[sid]}])"))
+            seen_scenes.setdefault(sid, si)
+        for ti, shot in enumerate(_items(scene.get("shots"))):
+            if not isinstance(shot, dict):
+                continue
+            here = ("scenes", si, "shots", ti)
+            tid = shot.get("id")
+            if isinstance(tid, str):
+                if tid in seen_shots:
+                    a, b = seen_shots[tid]
+                    issues.append(src.issue((*here, "id"), f"{context}duplicate shot id {tid!r} "
+                                                           f"(first at scenes[{a}].shots[{b}])"))
+                seen_shots.setdefault(tid, (si, ti))
+            listed = _items(shot.get("characters"))
+            for ci, name in enumerate(listed if check_chars else []):
+                if not isinstance(name, str):
+                    continue
+                if name not in chars:
+                    issues.append(src.issue((*here, "characters", ci),
+                                            f"{context}unknown character {name!r} (known: {known})"
+                                            + _hint(name, names, "'")))
+                elif listed.index(name) != ci:
+                    issues.append(src.issue((*here, "characters", ci),
+                                            f"{context}character {name!r} is listed twice"))
+    return issues
+
+
+def _check_film(film: Film, src: Source, reader: _Reader, hash_references: bool,
+                written: Written | None = None, issues: list[Issue] | None = None) -> Film:
+    """Cross-field checks after ``issues`` already found; returns the film with reference
+    hashes filled in."""
+    issues = list(issues or [])
+    written = written or {}
     order: list[tuple[tuple[Any, ...], Any, int, int]] = []  # (path, shot, frames, transition in)
-    used: set[str] = set()
     w, h = film.resolution
     fam = film.model.rule()
+    for path, message in size_problems(film):
+        issues.append(src.issue(path, message))
     if w % fam.size_multiple or h % fam.size_multiple:
         issues.append(src.issue(("resolution",),
                                 f"{fam.name} needs width and height divisible by {fam.size_multiple}, "
                                 f"got {w}x{h}"))
+    prev = None  # (shot, frames) of the previous shot in film order
     for si, scene in enumerate(film.scenes):
-        if scene.id in seen_scenes:
-            issues.append(src.issue(("scenes", si, "id"),
-                                    f"duplicate scene id {scene.id!r} (first at scenes[{seen_scenes[scene.id]}])"))
-        seen_scenes.setdefault(scene.id, si)
         for ti, shot in enumerate(scene.shots):
             here = ("scenes", si, "shots", ti)
-            if shot.id in seen_shots:
-                a, b = seen_shots[shot.id]
-                issues.append(src.issue((*here, "id"),
-                                        f"duplicate shot id {shot.id!r} (first at scenes[{a}].shots[{b}])"))
-            seen_shots.setdefault(shot.id, (si, ti))
-            for ci, name in enumerate(shot.characters):
-                if name not in film.characters:
-                    issues.append(src.issue((*here, "characters", ci),
-                                            f"unknown character {name!r} (known: {known})"))
-                elif shot.characters.index(name) != ci:
-                    issues.append(src.issue((*here, "characters", ci),
-                                            f"character {name!r} is listed twice"))
-                used.add(name)
             frames = shot.frame_count(film.fps)
             if frames <= 0:
                 issues.append(src.issue((*here, "duration"),
@@ -337,29 +609,37 @@ def _check_film(film: Film, src: Source, storage_options: dict[str, Any] | None,
         (("scenes", si, "shots", ti, "model", "id"), shot.model)
         for si, scene in enumerate(film.scenes) for ti, shot in enumerate(scene.shots) if shot.model]
     for path, model in models:
-        why = _missing_model(model, storage_options) if model.backend == "diffusers" else None
+        why = _missing_model(model, reader.storage_options) if model.backend == "diffusers" else None
         if why:
             issues.append(src.issue(path, why))
-    # References: each character's image must exist and be an image; hash it.
+    # References and the soundtrack: only from allowed places (workers read references
+    # later, so this holds even when nothing is read now).
+    for name, char in film.characters.items():
+        shown = reader.refusal(char.reference)
+        if shown:
+            where = ("characters", name, "reference")
+            issues.append(src.issue(where, f"character {name!r}: "
+                                           + _outside(shown, written.get(where, char.reference))))
+    if film.audio and (shown := reader.refusal(film.audio)):
+        issues.append(src.issue(("audio",), "`audio` " + _outside(shown, written.get(("audio",), film.audio))))
+    if issues or not hash_references:
+        if issues:
+            raise SpecError(_sorted(issues))
+        return film
+    # Each character's image must exist and be an image: hash it. The soundtrack must have sound.
     characters = dict(film.characters)
-    if hash_references and not issues:
-        for name, char in film.characters.items():
-            digest, why = _hash_image(char.reference, storage_options)
-            if why:
-                issues.append(src.issue(("characters", name, "reference"), f"character {name!r}: {why}"))
-            elif char.sha256 and char.sha256 != digest:
-                issues.append(src.issue(("characters", name, "sha256"),
-                                        f"character {name!r}: reference changed: pinned sha256 "
-                                        f"{char.sha256[:12]}..., file has {digest[:12]}..."))
-            else:
-                characters[name] = char.model_copy(update={"sha256": digest})
-        if film.audio:
-            try:
-                fs, path = fsspec.core.url_to_fs(film.audio, **(storage_options or {}))
-                if not fs.exists(path):
-                    issues.append(src.issue(("audio",), f"audio file not found: {film.audio}"))
-            except (OSError, ValueError) as e:
-                issues.append(src.issue(("audio",), f"cannot read audio {film.audio}: {e}"))
+    for name, char in film.characters.items():
+        digest, why = reader.hash_image(char.reference)
+        if why:
+            issues.append(src.issue(("characters", name, "reference"), f"character {name!r}: {why}"))
+        elif char.sha256 and char.sha256 != digest:
+            issues.append(src.issue(("characters", name, "sha256"),
+                                    f"character {name!r}: reference changed: pinned sha256 "
+                                    f"{char.sha256[:12]}..., file has {digest[:12]}..."))  # type: ignore[index]
+        else:
+            characters[name] = char.model_copy(update={"sha256": digest})
+    if film.audio and (why := reader.probe_audio(film.audio)):
+        issues.append(src.issue(("audio",), f"{why}, got {written.get(('audio',), film.audio)!r}"))
     if issues:
         raise SpecError(_sorted(issues))
     return film.model_copy(update={"characters": characters})
@@ -374,7 +654,7 @@ def _missing_model(model: Any, storage_options: dict[str, Any] | None) -> str | 
         try:
             fs, path = fsspec.core.url_to_fs(mid, **(storage_options or {}))
             found = fs.exists(path)
-        except (OSError, ValueError, ImportError) as e:
+        except Exception as e:  # noqa: BLE001 - unknown protocols, bad URLs, unreachable stores
             return f"{model.family} model {mid} is not reachable: {e}"
         return None if found else f"{model.family} model not found: {mid}"
     return None
@@ -386,12 +666,19 @@ def _transition_frames(seconds: float, film: Film) -> int:
     return seconds_to_frames(seconds, film.fps)
 
 
-def _film_from_raw(raw: dict[str, Any], src: Source, base: str, storage_options: dict[str, Any] | None,
-                   hash_references: bool, context: str = "") -> Film:
-    raw = _absolutise(_merge_shot_models(raw), base)
-    film = _validate(Film, src, raw, context)
+def _film_from_raw(raw: dict[str, Any], src: Source, base: str, reader: _Reader,
+                   hash_references: bool, context: str = "", written: Written | None = None) -> Film:
+    raw, as_written = _absolutise(_merge_shot_models(raw), base)
+    as_written.update(written or {})
     try:
-        return _check_film(film, src, storage_options, hash_references)
+        film = _validate(Film, src, raw, context)
+    except SpecError as e:
+        # One pass: what the schema refused and what refers to nothing, together.
+        broken = any(re.match(r"characters\b", i.path) for i in e.issues)
+        found = [*e.issues, *_reference_issues(raw, src, context, characters=not broken)]
+        raise SpecError(_sorted(_dedupe(found))) from None
+    try:
+        return _check_film(film, src, reader, hash_references, as_written, _reference_issues(raw, src))
     except SpecError as e:
         if not context:
             raise
@@ -399,13 +686,16 @@ def _film_from_raw(raw: dict[str, Any], src: Source, base: str, storage_options:
 
 
 def load_film(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
-              hash_references: bool = True) -> Film:
+              hash_references: bool = True, allowed_roots: Sequence[str] = ()) -> Film:
     """Load a film spec (YAML or JSON) and check everything before any work starts.
 
     Args:
         url: a local path or any fsspec URL.
         storage_options: passed to fsspec for the spec and its references.
-        hash_references: read and hash every reference image (the planner needs the hashes).
+        hash_references: read and hash every reference image (the planner needs the hashes)
+            and probe the soundtrack.
+        allowed_roots: folders and URL prefixes references and audio may also be read from,
+            besides the spec's own folder (the ``allowed_read_roots`` setting).
 
     Raises:
         SpecError: with every issue found, each naming file, line, field and value.
@@ -415,7 +705,9 @@ def load_film(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | 
     raw = _upgrade(src)
     if "campaign" in raw:
         raise SpecError([src.issue(("campaign",), "this is a campaign spec; use load_campaign")])
-    return _film_from_raw(raw, src, _base_of(url), storage_options, hash_references)
+    base = _base_of(url)
+    reader = _Reader([base], allowed_roots, storage_options)
+    return _film_from_raw(raw, src, base, reader, hash_references)
 
 
 # --- campaign --------------------------------------------------------------------------
@@ -431,52 +723,97 @@ class LoadedCampaign:
         return f"LoadedCampaign({self.campaign.campaign!r}, cells={len(self.cells)})"
 
 
+# Filled text never needs to be longer than this: titles and prompts are far shorter, and
+# pydantic refuses what is too long.
+_MAX_FILLED = 100_000
+
+
 def _fill_vars(raw: Any, values: dict[str, str], src: Source, path: tuple[Any, ...],
                issues: list[Issue]) -> Any:
-    """Fill ``{name}`` placeholders in the title and every prompt."""
+    """Fill ``{name}`` placeholders in the title and every prompt.
+
+    Only plain names: no attributes, indexes, conversions or format specs (``{x:>999999999}``
+    would build a gigabyte).
+    """
+    vars_known = ", ".join(sorted(values)) or "none"
+
     def fill(text: str, where: tuple[Any, ...]) -> str:
-        names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
-        missing = [n for n in names if n not in values]
-        if missing:
-            issues.append(src.issue(where, f"unknown placeholder {{{missing[0]}}} "
-                                           f"(campaign vars: {', '.join(sorted(values)) or 'none'})"))
+        try:
+            parts = list(string.Formatter().parse(text))
+        except ValueError as e:
+            issues.append(src.issue(where, f"cannot fill placeholders: {e}, got {text[:60]!r}"))
             return text
-        return text.format_map(values)
+        out: list[str] = []
+        size = 0
+        for literal, name, spec, conversion in parts:
+            out.append(literal)
+            size += len(literal)
+            if name is None:
+                continue
+            if spec or conversion:
+                issues.append(src.issue(where, f"placeholder {{{name}}} takes no conversion or format, "
+                                               f"got {text[:60]!r}"))
+                return text
+            if name not in values:
+                issues.append(src.issue(where, f"unknown placeholder {{{name}}} (campaign vars: {vars_known})"))
+                return text
+            out.append(values[name])
+            size += len(values[name])
+            if size > _MAX_FILLED:
+                break
+        return "".join(out)
 
     raw = copy.deepcopy(raw)
     if isinstance(raw.get("title"), str):
         raw["title"] = fill(raw["title"], ("title",))
-    for si, scene in enumerate(raw.get("scenes") or []):
-        for ti, shot in enumerate(scene.get("shots") or [] if isinstance(scene, dict) else []):
-            if isinstance(shot, dict) and isinstance(shot.get("prompt"), str):
-                shot["prompt"] = fill(shot["prompt"], ("scenes", si, "shots", ti, "prompt"))
+    for where, shot in _shots(raw):
+        if isinstance(shot.get("prompt"), str):
+            shot["prompt"] = fill(shot["prompt"], (*where, "prompt"))
     return raw
 
 
 def load_campaign(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
-                  hash_references: bool = True) -> LoadedCampaign:
-    """Load a campaign and validate every cell's film before any work starts."""
+                  hash_references: bool = True, allowed_roots: Sequence[str] = ()) -> LoadedCampaign:
+    """Load a campaign and validate every cell's film before any work starts.
+
+    Args:
+        url: a local path or any fsspec URL.
+        storage_options: passed to fsspec for the specs and their references.
+        hash_references: read and hash every reference image and probe soundtracks.
+        allowed_roots: folders and URL prefixes the base film, references and audio may also
+            be read from, besides the campaign's folder (and the base film's, for what it names).
+
+    Raises:
+        SpecError: with every issue found, each naming file, line, field and value.
+    """
     url = os.fspath(url)
     csrc = parse_document(_read_text(url, storage_options), url)
     craw = _upgrade(csrc)
     campaign: Campaign = _validate(Campaign, csrc, craw)
     cbase = _base_of(url)
     film_url = resolve_url(campaign.film, cbase)
+    shown = _Reader([cbase], allowed_roots, storage_options).refusal(film_url)
+    if shown:
+        raise SpecError([csrc.issue(("film",), _outside(shown, campaign.film))])
     fsrc = parse_document(_read_text(film_url, storage_options), film_url)
-    fraw = _absolutise(_upgrade(fsrc), _base_of(film_url))
+    fbase = _base_of(film_url)
+    fraw, fwritten = _absolutise(_upgrade(fsrc), fbase)
+    reader = _Reader([cbase, fbase], allowed_roots, storage_options)
     axes = list(campaign.matrix.items())
     cells: list[CampaignCell] = []
     issues: list[Issue] = []
-    hashes: dict[str, str] = {}
+    chunks = 0
     for combo in itertools.product(*[list(values.items()) for _, values in axes]):
         values = {axis: name for (axis, _), (name, _) in zip(axes, combo)}
         cell_id = "/".join(name for name, _ in combo)
         raw = fraw
+        written = dict(fwritten)
         variables: dict[str, str] = {}
         cell_src = fsrc
         for (axis, _), (name, mv) in zip(axes, combo):
-            over = _absolutise(mv.film, cbase)
+            over, over_written = _absolutise(mv.film, cbase)
             raw = _deep_merge(raw, over)
+            written.update(over_written)
             variables.update(mv.vars)
             # What this value overrides is reported at the campaign's line, not the film's.
             cell_src = cell_src.overlay(csrc, ("matrix", axis, name, "film"))
@@ -487,31 +824,36 @@ def load_campaign(url: str | os.PathLike[str], *, storage_options: dict[str, Any
             issues.extend(Issue(i.file, i.line, i.path, f"(cell {cell_id}) {i.message}") for i in cell_issues)
             continue
         try:
-            film = _film_from_raw(raw, cell_src, _base_of(film_url), storage_options,
-                                  hash_references=False, context=f"(cell {cell_id}) ")
+            film = _film_from_raw(raw, cell_src, fbase, reader, hash_references=False,
+                                  context=f"(cell {cell_id}) ", written=written)
         except SpecError as e:
             issues.extend(e.issues)
             continue
         cells.append(CampaignCell(cell_id=cell_id, values=values, film=film))
+        chunks += film_chunks(film)
+        if chunks > MAX_CHUNKS:  # stop building cells: the campaign is too large as a whole
+            issues.append(csrc.issue(("matrix",), f"the cells plan more than {MAX_CHUNKS} chunks, the limit "
+                                                  f"per load (MAX_CHUNKS), got {chunks} chunks in the first "
+                                                  f"{len(cells)} of {campaign.cell_count} cells"))
+            break
     if issues:
         raise SpecError(_dedupe(issues))
     if hash_references:
-        cells = [_hash_cell(c, fsrc, storage_options, hashes) for c in cells]
+        cells = [_hash_cell(c, fsrc, reader) for c in cells]
     return LoadedCampaign(campaign, cells, url)
 
 
-def _hash_cell(cell: CampaignCell, src: Source, storage_options: dict[str, Any] | None,
-               memo: dict[str, str]) -> CampaignCell:
-    """Hash each reference once across all cells (cells share most references)."""
+def _hash_cell(cell: CampaignCell, src: Source, reader: _Reader) -> CampaignCell:
+    """Hash each reference once across all cells (cells share most references); probe audio."""
     chars = {}
     for name, char in cell.film.characters.items():
-        if char.reference not in memo:
-            digest, why = _hash_image(char.reference, storage_options)
-            if why:
-                raise SpecError([src.issue(("characters", name, "reference"),
-                                           f"(cell {cell.cell_id}) character {name!r}: {why}")])
-            memo[char.reference] = digest  # type: ignore[assignment]
-        chars[name] = char.model_copy(update={"sha256": memo[char.reference]})
+        digest, why = reader.hash_image(char.reference)
+        if why:
+            raise SpecError([src.issue(("characters", name, "reference"),
+                                       f"(cell {cell.cell_id}) character {name!r}: {why}")])
+        chars[name] = char.model_copy(update={"sha256": digest})
+    if cell.film.audio and (why := reader.probe_audio(cell.film.audio)):
+        raise SpecError([src.issue(("audio",), f"(cell {cell.cell_id}) {why}, got {cell.film.audio!r}")])
     return cell.model_copy(update={"film": cell.film.model_copy(update={"characters": chars})})
 
 
@@ -524,11 +866,11 @@ def _dedupe(issues: list[Issue]) -> list[Issue]:
     return out
 
 
-def load_spec(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
-              ) -> Film | LoadedCampaign:
-    """Load a film or a campaign, whichever the document is."""
+def load_spec(url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+              allowed_roots: Sequence[str] = ()) -> Film | LoadedCampaign:
+    """Load a film or a campaign, whichever the document is (see :func:`load_film`)."""
     url = os.fspath(url)
     src = parse_document(_read_text(url, storage_options), url)
     if "campaign" in src.data:
-        return load_campaign(url, storage_options=storage_options)
-    return load_film(url, storage_options=storage_options)
+        return load_campaign(url, storage_options=storage_options, allowed_roots=allowed_roots)
+    return load_film(url, storage_options=storage_options, allowed_roots=allowed_roots)

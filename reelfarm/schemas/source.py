@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from reelfarm.errors import Issue, SpecError
+from reelfarm.schemas.film import MAX_SPEC_NODES
 
 __all__ = ["Source", "format_path", "parse_document"]
 
@@ -92,8 +93,33 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last)."""
 
 
-def _walk(node: yaml.Node, path: Path, src: Source, issues: list[Issue]) -> None:
+class _TooLarge(Exception):
+    pass
+
+
+def _walk(node: yaml.Node, path: Path, src: Source, issues: list[Issue], budget: list[int],
+          open_nodes: set[int]) -> None:
+    """Record the line of every path. Aliases are walked each time they are used, so the
+    walk counts values as the validator will see them: ``budget`` bounds that count (an
+    alias "billion laughs" stops here), and an alias inside its own anchor is refused."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge
+    if id(node) in open_nodes:
+        issues.append(Issue(src.file, node.start_mark.line + 1, format_path(path),
+                            "a YAML alias refers to a value that contains it"))
+        return
     src.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        open_nodes.add(id(node))
+        try:
+            _walk_children(node, path, src, issues, budget, open_nodes)
+        finally:
+            open_nodes.discard(id(node))
+
+
+def _walk_children(node: yaml.Node, path: Path, src: Source, issues: list[Issue], budget: list[int],
+                   open_nodes: set[int]) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key_node, value_node in node.value:
@@ -105,10 +131,10 @@ def _walk(node: yaml.Node, path: Path, src: Source, issues: list[Issue]) -> None
                                     f"duplicate key {key!r}"))
             seen.add(key)
             src.lines[sub] = key_node.start_mark.line + 1
-            _walk(value_node, sub, src, issues)
+            _walk(value_node, sub, src, issues, budget, open_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, (*path, i), src, issues)
+            _walk(item, (*path, i), src, issues, budget, open_nodes)
 
 
 def parse_document(text: str, file: str) -> Source:
@@ -123,6 +149,13 @@ def parse_document(text: str, file: str) -> Source:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError([Issue(file, line, "", f"malformed YAML: {problem}")]) from None
+    except RecursionError:
+        raise SpecError([Issue(file, None, "", "spec is nested too deeply")]) from None
+    except (ValueError, TypeError, OverflowError) as e:
+        # A value the parser recognised but could not build: `2001-13-45` as a date, an
+        # integer of more than 4300 digits...
+        kind = "JSON" if is_json else "YAML"
+        raise SpecError([Issue(file, None, "", f"malformed {kind}: {e}")]) from None
     src = Source(file=file, data=data)
     issues: list[Issue] = []
     # JSON that parsed has tabs only as whitespace between tokens, which YAML refuses as
@@ -130,10 +163,16 @@ def parse_document(text: str, file: str) -> Source:
     compose_text = text.replace("\t", " ") if is_json else text
     try:
         node = yaml.compose(compose_text, Loader=_LineLoader)
-    except yaml.YAMLError:  # valid JSON that YAML cannot compose: no line numbers
+    except (yaml.YAMLError, RecursionError):  # valid JSON that YAML cannot compose: no line numbers
         node = None
     if node is not None:
-        _walk(node, (), src, issues)
+        try:
+            _walk(node, (), src, issues, [MAX_SPEC_NODES], set())
+        except _TooLarge:
+            raise SpecError([Issue(file, None, "", f"spec has more than {MAX_SPEC_NODES} values "
+                                                   "(MAX_SPEC_NODES), aliases counted")]) from None
+        except RecursionError:
+            raise SpecError([Issue(file, None, "", "spec is nested too deeply")]) from None
     if issues:
         raise SpecError(issues)
     if not isinstance(data, dict):

@@ -138,7 +138,7 @@ def test_unknown_key_inside_the_model_union(write_spec):
     path = write_spec(edit("title: Moth and flame\n",
                            "title: Moth and flame\nmodel:\n  backend: diffusers\n  family: wan\n"
                            "  id: x\n  stepz: 3\n"))
-    assert only_issue(path) == f"{path}:7 model.stepz: unknown key 'stepz'"
+    assert only_issue(path) == f"{path}:7 model.stepz: unknown key 'stepz'; did you mean `steps`?"
 
 
 def test_missing_shot_field_points_at_the_shot(write_spec):
@@ -175,7 +175,8 @@ def test_both_duration_and_frames(write_spec):
 def test_unknown_character(write_spec):
     path = write_spec(edit("characters: [flame, moth]", "characters: [flame, mothh]"))
     assert only_issue(path) == (
-        f"{path}:16 scenes[0].shots[1].characters[1]: unknown character 'mothh' (known: flame, moth)"
+        f"{path}:16 scenes[0].shots[1].characters[1]: unknown character 'mothh' (known: flame, moth); "
+        "did you mean 'moth'?"
     )
 
 
@@ -506,7 +507,8 @@ def test_v0_errors_keep_their_lines(write_spec):
     text = edit("characters: [flame, moth]", "characters: [flame, mothh]", text)
     path = write_spec(text)
     assert only_issue(path) == (
-        f"{path}:17 scenes[0].shots[1].characters[1]: unknown character 'mothh' (known: flame, moth)"
+        f"{path}:17 scenes[0].shots[1].characters[1]: unknown character 'mothh' (known: flame, moth); "
+        "did you mean 'moth'?"
     )
 
 
@@ -554,7 +556,8 @@ def test_json_spec_loads(write_spec):
 def test_json_unknown_character(write_spec):
     path = write_spec(edit('["flame", "moth"]', '["flame", "mothh"]', FILM_JSON), "film.json")
     assert only_issue(path) == (
-        f"{path}:12 scenes[0].shots[1].characters[1]: unknown character 'mothh' (known: flame, moth)"
+        f"{path}:12 scenes[0].shots[1].characters[1]: unknown character 'mothh' (known: flame, moth); "
+        "did you mean 'moth'?"
     )
 
 
@@ -600,7 +603,7 @@ def test_tab_indented_json_keeps_its_lines(write_spec):
     path = write_spec(text, "film.json")
     assert only_issue(path) == (
         f"{path}:{line} scenes[0].shots[0].characters[0]: unknown character 'mothh' "
-        "(known: flame, moth)"
+        "(known: flame, moth); did you mean 'moth'?"
     )
 
 
