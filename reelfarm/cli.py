@@ -86,15 +86,46 @@ def plan_cmd(
     spec: Annotated[str, typer.Argument(help="film or campaign spec")],
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
     gpu_hour_price: Annotated[float, typer.Option("--gpu-hour-price", help="USD per GPU-hour")] = 2.5,
+    gpus: Annotated[Optional[int], typer.Option(
+        "--gpus", min=1, help="simulate the render on N GPUs: makespan, utilisation, cost")] = None,
+    gpu: Annotated[str, typer.Option("--gpu", help="GPU class to simulate: l4, a10g, l40s, a100, h100, h200")
+                   ] = "h200",
 ) -> None:
-    """Plan a film or campaign into chunks and print the plan, its GPU-hours and cost."""
+    """Plan a film or campaign into chunks and print the plan, its GPU-hours and cost.
+
+    With ``--gpus N`` the render is simulated (the real scheduler on a simulated clock;
+    GPU times from reelfarm.cluster.simulate's table, not the plan's estimates).
+    """
     from reelfarm.flows.plan import plan_campaign, plan_film
     from reelfarm.schemas.film import Film
 
+    def simulated(plans: list) -> None:
+        from reelfarm.cluster.simulate import simulate_plans, summary
+
+        result = simulate_plans(plans, gpus=int(gpus or 1), gpu=gpu)
+        if as_json:
+            sys.stdout.write(json.dumps(summary(result), indent=1) + "\n")
+            return
+        t = Table(title=f"simulated on {gpus} x {gpu}", title_justify="left")
+        t.add_column("what")
+        t.add_column("value", justify="right")
+        for k, v in summary(result).items():
+            t.add_row(k.replace("_", " "), f"{v:,.3f}" if isinstance(v, float) else str(v))
+        t.caption = "GPU times, throughputs and prices are the table's (estimates where marked)"
+        console.print(t)
+
     loaded = _load(spec)
+    if gpus is not None:
+        from reelfarm.cluster.simulate import GPU_CLASSES
+
+        if gpu not in GPU_CLASSES:
+            raise typer.BadParameter(f"`--gpu` must be one of {', '.join(GPU_CLASSES)}, got {gpu!r}")
     try:
         if isinstance(loaded, Film):
             plan = plan_film(loaded)
+            if gpus is not None:
+                simulated([plan])
+                return
             if as_json:
                 sys.stdout.write(plan.model_dump_json(indent=1) + "\n")
             else:
@@ -103,6 +134,9 @@ def plan_cmd(
         cplan = plan_campaign(loaded.campaign.campaign, loaded.cells)
     except FarmError as e:
         raise _fail(e) from None
+    if gpus is not None:
+        simulated([p for _, p in cplan.cells])
+        return
     if as_json:
         doc = {
             "campaign": cplan.title,
@@ -197,9 +231,14 @@ def _run(job, settings, use_prefect: bool, *, spec: str | None = None) -> int:
 
     With Prefect the run is recorded as a flow; without, the same run function is called.
     """
-    from reelfarm.flows.render import run_job, run_summary
+    from reelfarm.flows.render import run_job, run_summary, up_to_date
 
     try:
+        if up_to_date(job, settings):  # no Prefect, no Ray: nothing to render or encode
+            cells = [cell or job.out_url for cell, _ in job.cells]
+            console.print(f"[green]up to date[/]: every chunk and deliverable of {', '.join(cells)} "
+                          "is current; nothing rendered or encoded", highlight=False)
+            return 0
         if use_prefect:
             from reelfarm.flows.film import record_run, render_campaign_flow, render_film_flow, resume_flow
 

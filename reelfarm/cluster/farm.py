@@ -113,48 +113,73 @@ class Farm:
         self._ids = itertools.count()
         self._identity_refs: dict[tuple[str, str], Any] = {}  # (store root, identity key) -> ref
         self._gpu = False
+        self._started = False
+        self._owns_ray = False
 
     # --- workers -------------------------------------------------------------------
-    def start(self) -> Farm:
-        s = self.settings
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def check(self) -> Farm:
+        """Refuse an OUT that Ray workers cannot reach, before anything starts."""
         root = str(self.store.root)
         if root.startswith("memory:"):
             raise FarmError(f"OUT {root!r}: a memory:// filesystem lives in one process and Ray "
                             "workers cannot see it; use a folder or an object store (s3://, gs://)")
-        if s.address and "://" not in root:
+        return self
+
+    def start(self) -> Farm:
+        """Connect to Ray (or start our own) and bring the workers up."""
+        s = self.settings
+        self.check()
+        if s.address and "://" not in str(self.store.root):
             logger.warning("OUT %s is a local path on a joined cluster: it must be a folder every "
                            "node shares (NFS, a mounted bucket), or chunks land on the workers' disks",
-                           root)
-        connect(s.address, num_cpus=None, include_dashboard=s.include_dashboard,
-                dashboard_host=s.dashboard_host)
+                           self.store.root)
+        info = connect(s.address, num_cpus=None, include_dashboard=s.include_dashboard,
+                       dashboard_host=s.dashboard_host)
+        self._started = True
+        self._owns_ray = info.started
         # The kind of worker is decided once: losing GPU nodes never makes a CPU farm.
         self._gpu = any(n["Resources"].get("GPU") for n in ray.nodes() if n.get("Alive"))
         self._fill_slots()
         if not self.workers:
             raise FarmError("the cluster has no node that can hold a worker (no GPU and no CPU free)")
-        # Wait until the workers are up (each imports torch). A worker that cannot be
-        # placed (its GPU is held by another job) or fails to start is dropped: it must
-        # not hang the run.
+        self._wait_for_workers()
+        return self
+
+    def ensure_started(self) -> Farm:
+        """Start on first need: a run with nothing to render never starts Ray."""
+        return self if self._started else self.start()
+
+    def _wait_for_workers(self) -> None:
+        """Wait until the workers are up (each imports torch).
+
+        A worker that cannot be placed (its GPU is held by another job) or fails to start
+        is dropped: it must not hang the run. With none up, the error says why.
+        """
+        s = self.settings
+        t0 = time.monotonic()
         pings = {w.handle.info.remote(): w for w in self.workers}
         ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=s.worker_start_timeout_s)
-        up = 0
+        up, why = 0, []
         for ref, w in pings.items():
             try:
                 if ref in ready:
                     ray.get(ref)
                     up += 1
                     continue
-                logger.warning("worker %s did not start within %.0f s: dropped", w.wid,
-                               s.worker_start_timeout_s)
+                why.append(f"{w.wid}: not up after {time.monotonic() - t0:.0f} s")
             except ray.exceptions.RayError as e:
-                logger.warning("worker %s failed to start: %s", w.wid, e)
+                why.append(f"{w.wid}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+            logger.warning("worker %s dropped: %s", w.wid, why[-1])
             w.alive = False
             ray.kill(w.handle)
         if not up:
             self.shutdown()
-            raise FarmError(f"no worker started within {s.worker_start_timeout_s:.0f} s: the cluster's "
-                            "GPUs (or CPU slots) are held by other jobs, or workers cannot import torch")
-        return self
+            raise FarmError(f"no worker started (waited {time.monotonic() - t0:.0f} s of "
+                            f"{s.worker_start_timeout_s:.0f} s): " + "; ".join(why[:4]))
 
     def _fill_slots(self) -> None:
         """Start workers until every alive, non-blocklisted node has its share."""
@@ -190,14 +215,18 @@ class Farm:
         return ray.get([w.handle.info.remote() for w in self._alive()])
 
     def shutdown(self) -> None:
+        """Stop the workers; and Ray itself when this farm started its own instance."""
         for w in self.workers:
             if w.alive:
                 ray.kill(w.handle)
                 w.alive = False
         self.workers = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
 
     def __enter__(self) -> Farm:
-        return self.start()
+        return self.ensure_started()
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
@@ -287,6 +316,7 @@ class Farm:
                           blocklist=self.blocklist, node_failures=self._node_failures)
         if not sched.finished:
             # 2. Identities, once, shared by reference. 3. Dispatch and collect.
+            self.ensure_started()
             run = _Run(self, sched, manifest, summary, self.prepare_identities(plan))
             run.loop()
         manifest.flush(force=True)

@@ -42,6 +42,7 @@ __all__ = [
     "render_spec",
     "run_job",
     "run_summary",
+    "up_to_date",
 ]
 
 logger = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def run_job(job: RunJob, settings: Settings | None = None, *, farm: Farm | None 
     for cell, film in job.cells:  # before any work: `reelfarm resume OUT` needs them
         out.cell(cell).write_film(film)
     own = farm is None
-    farm = farm or Farm(store, settings).start()
+    farm = farm or Farm(store, settings).check()  # Ray starts when a chunk must render
     farm.store = store
     results: dict[str, RunResult] = {}
     try:
@@ -303,6 +304,28 @@ def run_job(job: RunJob, settings: Settings | None = None, *, farm: Farm | None 
         if own:
             farm.shutdown()
     return results
+
+
+def up_to_date(job: RunJob, settings: Settings | None = None) -> bool:
+    """Whether a run of ``job`` would render nothing and encode nothing.
+
+    Every chunk committed and every deliverable in OUT made from the current inputs. Reads
+    storage only (no Ray, no Prefect), so a re-run of a finished film costs seconds.
+    """
+    from reelfarm.render.stitch import freshness
+
+    settings = settings or Settings()
+    store = ChunkStore(job.out_url, storage_options=settings.storage_options)
+    out = OutputFolder(job.out_url, storage_options=settings.storage_options)
+    for cell, film in job.cells:
+        plan = plan_film(film)
+        if not all(store.is_complete(c.key) for c in plan.chunks):
+            return False
+        o = film.output
+        if not freshness(plan, out.cell(cell), formats=tuple(o.formats), crf=o.crf,
+                         contact_sheet=o.contact_sheet, report=o.report).up_to_date:
+            return False
+    return True
 
 
 def render_spec(film: Film, out_url: str, settings: Settings | None = None, *,

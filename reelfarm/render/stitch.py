@@ -25,6 +25,7 @@ from reelfarm.render import ffmpeg as ff
 from reelfarm.render.audio import stage_audio
 from reelfarm.render.ffmpeg import FORMATS, AudioInput, Join, MediaProbe
 from reelfarm.render.seams import iter_blended
+from reelfarm.render.uptodate import DELIVERABLES_DOC, Freshness, audio_sha256, deliverable_keys
 from reelfarm.schemas.plan import ChunkPlan, RenderPlan, ShotPlan, check_plan, ordered_chunks, safe_id
 from reelfarm.storage import Location
 
@@ -276,6 +277,7 @@ class StitchResult:
     commands: dict[str, list[str]] = field(default_factory=dict)
     frames: int = 0
     duration_s: float = 0.0
+    up_to_date: bool = False  # nothing was made: every deliverable in OUT was current
 
 
 def _scenes(plan: RenderPlan) -> list[tuple[str, list[ShotPlan]]]:
@@ -326,39 +328,72 @@ def stitch_film(
 
     if storage_options is None:
         storage_options = dict(getattr(store, "storage_options", None) or {})
-    # 1. Check inputs before any work: the plan's invariants, formats, chunks present.
+    # 1. Check inputs before any work: the plan's invariants, formats, what is up to date.
     formats = _check_formats(formats)
     check_plan(plan)
     if not 0 <= crf <= 51:
         raise StitchError(f"`crf` must be 0..51, got {crf}")
-    shots = list(plan.shots)
-    missing = [c.key for s in shots for c in s.chunks if not store.is_complete(c.key, verify=False)]
+    out = Location(out_url, storage_options=storage_options)
+    fresh = freshness(plan, out, formats=formats, crf=crf, contact_sheet=contact_sheet, report=report)
+    result = StitchResult(out_url=out_url, frames=plan.frames, duration_s=plan.duration_s)
+    if fresh.up_to_date:  # nothing changed since the last stitch: encode nothing
+        result.seam_scores = {s.shot_id: fresh.seams(s.shot_id) or [] for s in plan.shots}
+        result.outputs = {rel: out_url.rstrip("/") + "/" + rel for rel in fresh.keys}
+        result.up_to_date = True
+        return result
+    encode = _shots_to_encode(plan, fresh, formats)
+    missing = [c.key for s in plan.shots if s.shot_id in encode for c in s.chunks
+               if not store.is_complete(c.key, verify=False)]
     if missing:
         shown = ", ".join(f"`{k}`" for k in missing[:20])
         raise StoreError(f"{len(missing)} chunk(s) missing from the store: {shown}", keys=missing)
-
-    result = StitchResult(out_url=out_url, frames=plan.frames, duration_s=plan.duration_s)
     tmp = None if workdir else tempfile.TemporaryDirectory(prefix="reelfarm-stitch-")
     work = os.path.abspath(workdir or tmp.name)  # type: ignore[union-attr]
     try:
         for sub in ("shots", "scenes", *(f"pieces/{f}" for f in formats if f != "mp4")):
             os.makedirs(os.path.join(work, sub), exist_ok=True)
         audio_src = stage_audio(plan.audio, work, storage_options) if plan.audio else None
-        # 2. Shots, one at a time: blend, encode the clip (+ pieces for other formats).
-        pieces, thumbs = _encode_shots(plan, store, work, formats, crf, result)
-        # 3. Scene cuts (MP4) and 4. the film cut, once per format, from that format's pieces.
-        _join_cuts(plan, pieces, work, formats, crf, audio_src, result)
-        # 5. Timeline, contact sheet, report. 6. Publish every file, each in one step.
-        rels = deliverables.write_review(plan, work, thumbs, result, manifest=manifest,
-                                         contact_sheet=contact_sheet, report=report)
-        rels = [*(f"shots/{s.shot_id}.mp4" for s in shots),
-                *(f"scenes/{sc}.mp4" for sc, _ in _scenes(plan)),
-                *("final" + FORMATS[f].ext for f in formats), *rels]
-        result.outputs = deliverables.publish(work, rels, out_url, storage_options)
+        # 2. Shots, one at a time: blend, encode the clip (+ pieces for other formats);
+        #    an unchanged clip is fetched from OUT instead, when a cut needs it.
+        pieces, thumbs = _encode_shots(plan, store, work, formats, crf, result, encode=encode,
+                                       fresh=fresh, out=out)
+        # 3. Scene cuts (MP4) and 4. the film cut, once per format: those whose inputs changed.
+        _join_cuts(plan, pieces, work, formats, crf, audio_src, result, stale=fresh.stale)
+        # 5. Timeline, contact sheet, report. 6. Publish what was made, each in one step,
+        #    then the record of what every file is made from.
+        made = [rel for rel in fresh.keys if rel.startswith(("shots/", "scenes/", "final"))
+                and rel in fresh.stale]
+        if fresh.stale - set(made) or made:
+            made += deliverables.write_review(plan, work, thumbs, result, manifest=manifest,
+                                              contact_sheet=contact_sheet, report=report)
+        deliverables.publish(work, made, out_url, storage_options)
+        out.write_bytes_atomic(DELIVERABLES_DOC, fresh.document(result.seam_scores))
+        result.outputs = {rel: out_url.rstrip("/") + "/" + rel for rel in fresh.keys}
         return result
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def freshness(plan: RenderPlan, out: Location, *, formats: Sequence[str], crf: int,
+              contact_sheet: bool = True, report: bool = True) -> Freshness:
+    """What of OUT's deliverables is up to date for ``plan`` (see :mod:`reelfarm.render.uptodate`)."""
+    from reelfarm.render.deliverables import REVIEW_FILES
+
+    review = [r for r in REVIEW_FILES
+              if (r != "contact_sheet.png" or contact_sheet) and (r != "report.html" or report)]
+    keys = deliverable_keys(plan, formats=formats, crf=crf, review=review,
+                            audio=audio_sha256(plan.audio, out.storage_options) if plan.audio else None)
+    return Freshness.check(keys, out.read_bytes(DELIVERABLES_DOC),
+                           exists=lambda rel: bool(out.fs.exists(out._path(rel))))
+
+
+def _shots_to_encode(plan: RenderPlan, fresh: Freshness, formats: tuple[str, ...]) -> set[str]:
+    """Shots whose clip changed, or every shot when a non-MP4 cut must be made again (its
+    pieces are not kept in OUT)."""
+    if any("final" + FORMATS[f].ext in fresh.stale for f in formats if f != "mp4"):
+        return {s.shot_id for s in plan.shots}
+    return {s.shot_id for s in plan.shots if f"shots/{s.shot_id}.mp4" in fresh.stale}
 
 
 def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
@@ -372,8 +407,10 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
 
 
 def _encode_shots(plan: RenderPlan, store: ChunkReader, work: str, formats: tuple[str, ...], crf: int,
-                  result: StitchResult) -> tuple[dict[str, list[Piece]], list[tuple[str, np.ndarray]]]:
-    """Blend and encode every shot's clip (and its piece in every other format)."""
+                  result: StitchResult, *, encode: set[str], fresh: Freshness, out: Location
+                  ) -> tuple[dict[str, list[Piece]], list[tuple[str, np.ndarray]]]:
+    """Blend and encode the shots in ``encode`` (and their piece in every other format);
+    fetch the other shots' unchanged clips from OUT."""
     from reelfarm.render import review
 
     thumbs: list[tuple[str, np.ndarray]] = []
@@ -383,6 +420,14 @@ def _encode_shots(plan: RenderPlan, store: ChunkReader, work: str, formats: tupl
         outs = [(os.path.join(work, rel), "mp4")]
         outs += [(os.path.join(work, "pieces", f, s.shot_id + FORMATS[f].ext), f)
                  for f in formats if f != "mp4"]
+        if s.shot_id not in encode:
+            out.fs.get_file(out._path(rel), outs[0][0])
+            result.seam_scores[s.shot_id] = fresh.seams(s.shot_id) or []
+            result.join_methods[rel] = "kept"
+            pieces["mp4"].append(Piece(outs[0][0], s.frames))
+            if "contact_sheet.png" in fresh.stale:
+                thumbs.append((s.shot_id, review.thumbnail(_frame_of(outs[0][0], s.frames // 2))))
+            continue
         chunk_iter = (_read_chunk(store, c) for c in ordered_chunks(s))
         meta = {"title": f"{plan.title} - {s.shot_id}", "comment": s.prompt}
         seams, argv = encode_shot(
@@ -398,8 +443,20 @@ def _encode_shots(plan: RenderPlan, store: ChunkReader, work: str, formats: tupl
     return pieces, thumbs
 
 
+def _frame_of(path: str, index: int) -> np.ndarray:
+    """Frame ``index`` of a clip, RGB (the thumbnail of a shot that was not encoded again)."""
+    import av
+
+    with av.open(path) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if i == index:
+                return frame.to_ndarray(format="rgb24")
+    raise StitchError(f"`{os.path.basename(path)}` has no frame {index}")
+
+
 def _join_cuts(plan: RenderPlan, pieces: dict[str, list[Piece]], work: str, formats: tuple[str, ...],
-               crf: int, audio_src: tuple[str, str] | None, result: StitchResult) -> None:
+               crf: int, audio_src: tuple[str, str] | None, result: StitchResult, *,
+               stale: set[str] | None = None) -> None:
     """Scene cuts (MP4, the transitions inside each scene only) and the film cut per format."""
     shots = list(plan.shots)
     fps = Fraction(plan.fps)
@@ -417,6 +474,8 @@ def _join_cuts(plan: RenderPlan, pieces: dict[str, list[Piece]], work: str, form
     cuts += [("final" + FORMATS[fmt].ext, pieces[fmt], joins, fmt,
               {"title": plan.title, "comment": f"reelfarm plan {plan.key}"}, 0) for fmt in formats]
     for rel, cut_pieces, cut_joins, fmt, meta, start in cuts:
+        if stale is not None and rel not in stale:
+            continue
         audio = AudioInput(*audio_src, start_frame=start) if audio_src else None
         jr = join_pieces(cut_pieces, cut_joins, os.path.join(work, rel), fmt=fmt, fps=fps, width=plan.width,
                          height=plan.height, crf=crf, audio=audio, metadata=meta)
