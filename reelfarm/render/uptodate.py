@@ -123,6 +123,6 @@ class Freshness:
         for rel, key in sorted(self.keys.items()):
             rec: dict[str, Any] = {"key": key}
             if rel.startswith("shots/"):
-                rec["seams"] = [round(float(x), 6) for x in seam_scores.get(rel[6:-4], [])]
+                rec["seams"] = [float(x) for x in seam_scores.get(rel[6:-4], [])]
             files[rel] = rec
         return json.dumps({"version": STITCH_VERSION, "files": files}, indent=1).encode()

@@ -33,3 +33,13 @@ def test_render_without_address_uses_its_own_ray_and_leaves_others_alone(ray_clu
     assert len(nodes) == 1  # the embedded instance is one node
     # The other cluster is untouched: every node still alive.
     assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} == other
+
+    # A re-run of the finished film (Prefect on, the default): nothing rendered or encoded,
+    # no file written, and neither Prefect nor Ray started.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = subprocess.run([sys.executable, "-m", "reelfarm.cli", "render", str(spec), "--out", str(out)],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "up to date" in again.stdout
+    assert "prefect" not in again.stderr.lower() and "ray" not in again.stderr.lower()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before

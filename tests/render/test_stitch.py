@@ -182,7 +182,7 @@ def test_stitch_film_transitions_every_format_with_padded_audio(tmp_path, out_ur
     assert listing(out_url) == {
         "shots/a.mp4", "shots/b.mp4", "shots/c.mp4", "scenes/s01.mp4", "scenes/s02.mp4",
         "final.mp4", "final.mov", "final.webm", "timeline.otio", "contact_sheet.png",
-        "report.html"}
+        "report.html", "deliverables.json"}
     assert res.outputs["final.mp4"] == out_url + "/final.mp4"
     assert res.join_methods == {
         "shots/a.mp4": "encode", "shots/b.mp4": "encode", "shots/c.mp4": "encode",
@@ -297,7 +297,8 @@ def test_hostile_title_and_prompt_stay_metadata(tmp_path, out_url):
         if "-filter_complex" in argv:
             assert "passwd" not in argv[argv.index("-filter_complex") + 1]
     assert listing(out_url) == {"shots/a.mp4", "shots/b.mp4", "scenes/s01.mp4", "final.mp4",
-                                "timeline.otio", "contact_sheet.png", "report.html"}
+                                "timeline.otio", "contact_sheet.png", "report.html",
+                                "deliverables.json"}
     assert res.probes["final.mp4"].tags["title"] == "-i /etc/passwd movie=/etc/passwd [out]; -y"
     html = fsspec.open(out_url + "/report.html", "r").open().read()
     assert "/etc/passwd" in html and "<script" not in html
@@ -382,3 +383,42 @@ def test_output_review_flags_are_honoured(out_url, tmp_path):
     names = {p.name for p in local.rglob("*")}
     assert {"final.mp4", "contact_sheet.png", "report.html"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
+
+
+def _mtimes(root) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.ffmpeg
+def test_a_rerun_encodes_only_what_changed(tmp_path):
+    out = tmp_path / "out"
+    store = H.FakeStore()
+    plan = H.three_shot_plan()
+    H.fill(store, plan)
+    first = stitch_film(plan, store, str(out))
+    assert not first.up_to_date and first.join_methods["shots/c.mp4"] == "encode"
+    before = _mtimes(out)
+
+    # Nothing changed: nothing is read, encoded or written.
+    store.reads.clear()
+    again = stitch_film(plan, store, str(out))
+    assert again.up_to_date and not store.reads and not again.join_methods
+    assert _mtimes(out) == before
+    assert again.seam_scores == first.seam_scores
+
+    # Shot c edited (new chunk keys): its clip, its scene and the film cut are made again.
+    a, b, c = plan.shots
+    edited = c.model_copy(update={"chunks": tuple(
+        ch.model_copy(update={"key": H.key_for("c-edited", ch.index)}) for ch in c.chunks)})
+    plan2 = H.make_plan([a, b, edited])
+    H.fill(store, plan2)
+    store.reads.clear()
+    res = stitch_film(plan2, store, str(out))
+    assert res.join_methods["shots/c.mp4"] == "encode"
+    assert res.join_methods["shots/a.mp4"] == res.join_methods["shots/b.mp4"] == "kept"
+    assert set(store.reads) == {ch.key for ch in edited.chunks}  # no other chunk decoded
+    after = _mtimes(out)
+    changed = {rel for rel in after if after[rel] != before.get(rel)}
+    assert {"shots/c.mp4", "scenes/s02.mp4", "final.mp4", "deliverables.json"} <= changed
+    assert not changed & {"shots/a.mp4", "shots/b.mp4", "scenes/s01.mp4"}
+    assert res.probes["final.mp4"].frames == plan2.frames
