@@ -5,8 +5,9 @@ Rules the scheduler keeps:
 1. A chunk whose content key already has a committed output is not rendered again
    (the adapter passes those keys as ``done``).
 2. A chunk is ready when the chunk it continues from is committed.
-3. Among ready chunks: those for the model a worker already holds first, then the
-   longest remaining chain (estimate of the chunk and everything that waits on it).
+3. Among ready chunks: those for the model a worker already holds first (unless, with
+   more than one worker, another model's chain is over twice as long), then the longest
+   remaining chain (estimate of the chunk and everything that waits on it).
    Estimates are learned: once chunks of a cost class (family, resolution, steps) finish,
    that class's measured seconds per frame replace the planner's estimate, and the
    chains are weighed again, so a wrong cost model does not hold the critical path. With
@@ -108,6 +109,7 @@ def cost_class(family: str, width: int, height: int, steps: int) -> str:
 # when its sample count reaches a power of two; a re-weigh is O(chunks), so one waits for
 # RELEARN_EVERY of the chunks to finish after the last (changes meanwhile are pooled).
 RELEARN_DRIFT = 0.10
+AFFINITY_YIELD = 2.0
 RELEARN_EVERY = 0.001
 
 
@@ -515,6 +517,11 @@ class Scheduler:
                 own = (heap, i)
             if multi and self.learn and cls not in self._started and (probe is None or rank < probe[0][probe[1]][:2]):
                 probe = (heap, i)
+        # Its own model first, unless (with other workers to share the load) another
+        # model's chain is more than AFFINITY_YIELD times longer: that is the critical path.
+        if own is not None and best is not None and multi and \
+                -best[0][best[1]][0] > AFFINITY_YIELD * -own[0][own[1]][0]:
+            own = None
         choice = probe or own or best
         if choice is None:
             return None

@@ -19,6 +19,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from reelfarm.cluster.scheduler import (
     ChunkDone,
@@ -39,7 +40,7 @@ from reelfarm.schemas.families import FAMILIES
 from reelfarm.schemas.plan import RenderPlan
 
 __all__ = ["FAMILY_COSTS", "GPU_CLASSES", "FamilyCost", "GpuClass", "SimResult", "SimSpec",
-           "chunk_seconds", "simulate", "sim_jobs"]
+           "chunk_seconds", "sim_jobs", "simulate", "simulate_plans", "summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -418,3 +419,38 @@ def simulate(jobs: Sequence[Job], costs: dict[str, tuple[float, int]], spec: Sim
         load_s=sim.load_total, lost_s=sim.lost, preemptions=sim.preemptions, retries=s.retries,
         failed=len(s.failed), chunks=len(jobs), rechains=s.rechains, events=sim.n_events,
     )
+
+
+def simulate_plans(plans: Sequence[RenderPlan], *, gpus: int, gpu: str = "h200", **spec: Any) -> SimResult:
+    """Simulate rendering ``plans`` together (a campaign's cells; a chunk shared by cells once)."""
+    jobs: list[Job] = []
+    costs: dict[str, tuple[float, int]] = {}
+    for plan in plans:
+        pj, pc = sim_jobs(plan, gpu)
+        for j in pj:
+            if j.key not in costs:
+                jobs.append(j)
+                costs[j.key] = pc[j.key]
+    return simulate(jobs, costs, SimSpec(gpus=gpus, gpu=gpu, **spec))
+
+
+def summary(r: SimResult) -> dict[str, Any]:
+    """The figures a user reads, in seconds, with the bound they are judged by."""
+    return {
+        "chunks": r.chunks,
+        "gpus": f"{r.gpus} x {r.gpu}",
+        "makespan_s": r.makespan,
+        "bound_s": r.bound,
+        "makespan_over_bound": r.ratio,
+        "critical_path_s": r.critical_path_s,
+        "critical_path_chunks": r.critical_path_chunks,
+        "gpu_time_s": r.total_gpu_s,
+        "utilisation": r.utilisation,
+        "model_load_s": r.load_s,
+        "preemptions": r.preemptions,
+        "lost_to_preemption_s": r.lost_s,
+        "failed_chunks": r.failed,
+        "gpu_hours_held": r.gpu_hours_held,
+        "usd": r.usd,
+        "usd_per_gpu_hour": GPU_CLASSES[r.gpu].usd_per_hour,
+    }
