@@ -74,11 +74,21 @@ def _shot_table(plan, price: float) -> Table:
     for s in plan.shots:
         t.add_row(s.scene_id, s.shot_id, str(s.frames), str(len(s.chunks)),
                   getattr(s.model, "family", s.model.backend), f"{s.est_gpu_s:,.1f}")
-    hours = plan.est_gpu_s / 3600
-    t.caption = (f"{len({s.scene_id for s in plan.shots})} scenes, {len(plan.shots)} shots, "
-                 f"{len(plan.chunks)} chunks, {plan.frames} frames ({plan.duration_s:.1f} s); "
-                 f"est {hours:,.3f} GPU-hours ≈ ${hours * price:,.2f} at ${price}/GPU-hour")
     return t
+
+
+def _plan_totals(plan, price: float) -> list[str]:
+    """The plan's totals as short lines: printed whole, never wrapped inside a figure."""
+    hours = plan.est_gpu_s / 3600
+    return [f"{len({s.scene_id for s in plan.shots})} scenes, {len(plan.shots)} shots, {len(plan.chunks)} chunks, "
+            f"{plan.frames} frames ({plan.duration_s:.1f} s); "
+            f"est {hours:,.3f} GPU-hours ≈ ${hours * price:,.2f} at ${price}/GPU-hour"]
+
+
+def _print_lines(lines: list[str]) -> None:
+    """Plain lines, wrapped at word boundaries only (a figure or id is never split)."""
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
 
 
 @app.command("plan")
@@ -130,6 +140,7 @@ def plan_cmd(
                 sys.stdout.write(plan.model_dump_json(indent=1) + "\n")
             else:
                 console.print(_shot_table(plan, gpu_hour_price))
+                _print_lines(_plan_totals(plan, gpu_hour_price))
             return
         cplan = plan_campaign(loaded.campaign.campaign, loaded.cells)
     except FarmError as e:
@@ -155,9 +166,10 @@ def plan_cmd(
         t.add_row(cell.cell_id, f"{p.width}x{p.height}", str(len(p.shots)), str(len(p.chunks)),
                   str(p.frames), f"{p.est_gpu_s:,.1f}")
     hours = cplan.est_gpu_s / 3600
-    t.caption = (f"{len(cplan.cells)} cells, {cplan.chunk_count} chunks, {cplan.unique_chunks} unique "
-                 f"(shared chunks render once); est {hours:,.3f} GPU-hours ≈ ${hours * gpu_hour_price:,.2f}")
     console.print(t)
+    _print_lines([f"{len(cplan.cells)} cells, {cplan.chunk_count} chunks, {cplan.unique_chunks} unique "
+                  "(shared chunks render once)",
+                  f"est {hours:,.3f} GPU-hours ≈ ${hours * gpu_hour_price:,.2f} at ${gpu_hour_price}/GPU-hour"])
 
 
 def _settings(address: str | None, workers: int | None, chunk_delay: float | None,
@@ -202,7 +214,8 @@ def _nest(flat: dict[str, str]) -> dict:
 
 AddressOpt = Annotated[
     Optional[str], typer.Option("--address", help="join a Ray cluster: auto, HOST:PORT or ray://...")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="CPU workers when there is no GPU")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="CPU workers when there is no GPU  [default: one per two cores, at least 1]")]
 DelayOpt = Annotated[
     Optional[float], typer.Option("--chunk-delay", help="seconds each chunk takes at least (demos, drills)")]
 StorageOpt = Annotated[
@@ -210,10 +223,12 @@ StorageOpt = Annotated[
 DashOpt = Annotated[
     Optional[str], typer.Option("--dashboard-host", help="start an embedded Ray's dashboard on this host")]
 PrefectOpt = Annotated[bool, typer.Option("--prefect/--no-prefect", help="record the run as a Prefect flow")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="progress as JSON lines on stdout, one per event")]
 
 
 def _print_run(summary: dict) -> None:
-    t = Table(title=f"run {summary.get('run_id', '')} -> {summary.get('out', '')}", title_justify="left")
+    _print_lines([f"run {summary.get('run_id', '')}", f"out {summary.get('out', '')}"])
+    t = Table()
     t.add_column("what")
     t.add_column("value", justify="right")
     for k in ("chunks", "rendered", "cached", "failed", "model_loads", "identity_encodes", "nodes_used"):
@@ -221,44 +236,80 @@ def _print_run(summary: dict) -> None:
             t.add_row(k.replace("_", " "), str(summary[k]))
     console.print(t)
     for shot, err in (summary.get("failed_shots") or {}).items():
-        err_console.print(f"[red]shot {shot} failed:[/] {err}", highlight=False, markup=False)
+        err_console.print(f"[red]shot {escape(shot)} failed:[/] {escape(str(err))}", highlight=False)
     for name, url in (summary.get("outputs") or {}).items():
-        console.print(f"  {name}: {url}", highlight=False)
+        console.print(f"  {name}: {url}", highlight=False, markup=False)
 
 
-def _run(job, settings, use_prefect: bool, *, spec: str | None = None) -> int:
+def _run(job, settings, use_prefect: bool, *, spec: str | None = None, as_json: bool = False) -> int:
     """Run a job (render ``spec``, or resume OUT when ``spec`` is None); returns the exit code.
 
     With Prefect the run is recorded as a flow; without, the same run function is called.
+    Progress shows as it goes (see :mod:`reelfarm.progress`); Ctrl-C keeps every committed
+    chunk, marks nothing running, and says how to resume (exit 130).
     """
-    from reelfarm.flows.render import run_job, run_summary, up_to_date
+    from reelfarm import events
+    from reelfarm.flows.render import up_to_date
+    from reelfarm.progress import display_for
 
+    out = err_console if as_json else console
     try:
         if up_to_date(job, settings):  # no Prefect, no Ray: nothing to render or encode
             cells = [cell or job.out_url for cell, _ in job.cells]
-            console.print(f"[green]up to date[/]: every chunk and deliverable of {', '.join(cells)} "
+            if as_json:
+                sys.stdout.write(json.dumps({"kind": "up_to_date", "out": job.out_url}) + "\n")
+            else:
+                out.print(f"[green]up to date[/]: every chunk and deliverable of {', '.join(cells)} "
                           "is current; nothing rendered or encoded", highlight=False)
             return 0
-        if use_prefect:
-            from reelfarm.flows.film import record_run, render_campaign_flow, render_film_flow, resume_flow
-
-            flow_fn = render_campaign_flow if job.is_campaign else render_film_flow
-            summary = (record_run(flow_fn, spec, job.out_url, settings) if spec
-                       else record_run(resume_flow, job.out_url, settings))
-        else:
-            results = run_job(job, settings)
-            cells = {cell: run_summary(r) for cell, r in results.items()}
-            summary = {"cells": cells} if job.is_campaign else cells[""]
+        display = display_for(console, as_json=as_json)
+        with display, events.subscribed(display):
+            summary = _run_recorded(job, settings, use_prefect, spec)
+    except KeyboardInterrupt:
+        return _interrupted(job, settings)
     except SpecError as e:
         raise _fail(e) from None
     except FarmError as e:
         raise _fail(e, code=1) from None
     cells = summary["cells"] if "cells" in summary else {"": summary}
     for cell, cell_summary in cells.items():
+        if as_json:
+            sys.stdout.write(json.dumps({"kind": "summary", "cell": cell, **cell_summary}) + "\n")
+            continue
         if cell:
             console.print(f"[bold]cell {cell}[/]", highlight=False)
         _print_run(cell_summary)
     return max(0 if c["ok"] else 1 for c in cells.values())
+
+
+def _run_recorded(job, settings, use_prefect: bool, spec: str | None) -> dict:
+    from reelfarm.flows.render import run_job, run_summary
+
+    if use_prefect:
+        from reelfarm.flows.film import record_run, render_campaign_flow, render_film_flow, resume_flow
+
+        flow_fn = render_campaign_flow if job.is_campaign else render_film_flow
+        return (record_run(flow_fn, spec, job.out_url, settings) if spec
+                else record_run(resume_flow, job.out_url, settings))
+    results = run_job(job, settings)
+    cells = {cell: run_summary(r) for cell, r in results.items()}
+    return {"cells": cells} if job.is_campaign else cells[""]
+
+
+def _interrupted(job, settings) -> int:
+    """Ctrl-C: say what was kept and the exact command that finishes the run."""
+    import shlex
+
+    from reelfarm.cluster.store import ChunkStore
+    from reelfarm.flows.plan import plan_film
+
+    store = ChunkStore(job.out_url, storage_options=settings.storage_options)
+    keys = {c.key for _, film in job.cells for c in plan_film(film).chunks}
+    kept = sum(store.is_complete(k) for k in keys)
+    err_console.print(f"[bold yellow]interrupted[/]: {kept} of {len(keys)} chunks are committed in "
+                      f"{job.out_url} and kept. Finish the run with:", highlight=False)
+    err_console.print(f"  reelfarm resume {shlex.quote(job.out_url)}", highlight=False, markup=False)
+    return 130
 
 
 @app.command()
@@ -271,13 +322,14 @@ def render(
     storage_option: StorageOpt = None,
     dashboard_host: DashOpt = None,
     prefect: PrefectOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Render a film or campaign on Ray (an embedded local instance unless --address)."""
     from reelfarm.flows.render import RunJob
 
     settings = _settings(address, workers, chunk_delay, storage_option, dashboard_host)
     job = RunJob.from_loaded(_load(spec), out, spec)  # bad input: exit 2 before Prefect or Ray start
-    raise typer.Exit(_run(job, settings, prefect, spec=spec))
+    raise typer.Exit(_run(job, settings, prefect, spec=spec, as_json=as_json))
 
 
 @app.command()
@@ -288,6 +340,7 @@ def resume(
     chunk_delay: DelayOpt = None,
     storage_option: StorageOpt = None,
     prefect: PrefectOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Finish an interrupted film or campaign run: renders only the chunks storage lacks."""
     from reelfarm.flows.render import resume_job
@@ -297,36 +350,66 @@ def resume(
         job = resume_job(out, settings.storage_options)  # no run there: exit 2, nothing started
     except FarmError as e:
         raise _fail(e) from None
-    raise typer.Exit(_run(job, settings, prefect))
+    raise typer.Exit(_run(job, settings, prefect, as_json=as_json))
 
 
 @app.command()
 def status(
     out: Annotated[str, typer.Argument(help="output location of a run")],
     storage_option: StorageOpt = None,
+    watch: Annotated[bool, typer.Option("--watch", help="refresh until no chunk is running")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="seconds between refreshes with --watch")] = 2.0,
 ) -> None:
-    """Show a run's chunks by status, from its manifest."""
-    from reelfarm.cluster.manifest import read_manifest
+    """Show a run's chunks by status and shot, from its manifest (live with --watch)."""
+    import time
+
+    from rich.live import Live
+
     from reelfarm.cluster.store import ChunkStore
 
     settings = _settings(None, None, None, storage_option, None)
-    table = read_manifest(ChunkStore(out, storage_options=settings.storage_options))
-    if table is None:
-        err_console.print(f"no manifest in {out}")
+    store = ChunkStore(out, storage_options=settings.storage_options)
+    rows = _manifest_rows(store)
+    if rows is None:
+        err_console.print(f"no manifest in {out}", highlight=False)
         raise typer.Exit(2)
-    rows = table.to_pylist()
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    t = Table(title=f"run {rows[0]['run_id'] if rows else '?'}: {len(rows)} chunks", title_justify="left")
-    t.add_column("status")
-    t.add_column("chunks", justify="right")
-    for k, v in sorted(counts.items()):
-        t.add_row(k, str(v))
-    console.print(t)
+    if not watch:
+        console.print(_status_table(rows))
+    else:
+        with Live(_status_table(rows), console=console, refresh_per_second=1) as live:
+            while any(r["status"] in ("running", "planned") for r in rows):
+                time.sleep(interval)
+                rows = _manifest_rows(store) or rows
+                live.update(_status_table(rows))
     for r in rows:
         if r["status"] == "failed":
             err_console.print(f"  {r['chunk_name']}: {r['error']}", highlight=False, markup=False)
+
+
+def _manifest_rows(store) -> list[dict] | None:
+    from reelfarm.cluster.manifest import read_manifest
+
+    table = read_manifest(store)
+    return None if table is None else table.to_pylist()
+
+
+def _status_table(rows: list[dict]) -> Table:
+    """Per shot: chunks by status, frames done; a total row."""
+    statuses = ("done", "cached", "running", "planned", "failed")
+    t = Table(title=f"run {rows[0]['run_id'] if rows else '?'}: {len(rows)} chunks", title_justify="left")
+    for col in ("shot", *statuses, "frames"):
+        t.add_column(col, justify="left" if col == "shot" else "right")
+    shots: dict[str, dict[str, int]] = {}
+    for r in rows:
+        c = shots.setdefault(r["shot_id"], {k: 0 for k in (*statuses, "frames", "frames_done")})
+        c[r["status"]] = c.get(r["status"], 0) + 1
+        n = r["frame_end"] - r["frame_start"]
+        c["frames"] += n
+        c["frames_done"] += n if r["status"] in ("done", "cached") else 0
+    total = {k: sum(c.get(k, 0) for c in shots.values()) for k in (*statuses, "frames", "frames_done")}
+    for shot, c in [*shots.items(), ("total", total)]:
+        t.add_row(shot, *(str(c.get(k, 0)) for k in statuses), f"{c['frames_done']}/{c['frames']}")
+    return t
 
 
 @app.command()

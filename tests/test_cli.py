@@ -237,3 +237,18 @@ def test_resume_where_no_run_was_exits_2(runner, tmp_path):
     result = runner.invoke(app, ["resume", str(tmp_path)], env=ENV)
     assert result.exit_code == 2
     assert "no reelfarm run here (film.json missing)" in result.stderr and "Traceback" not in result.output
+
+
+def test_figures_never_split_in_an_80_column_terminal(runner, specs):
+    result = runner.invoke(app, ["plan", str(specs / "film.yaml")], env={**ENV, "COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for token in ("GPU-hours", "$2.5/GPU-hour"):
+        assert any(token in line for line in lines), (token, lines)
+
+
+def test_help_shows_the_workers_default(runner):
+    result = runner.invoke(app, ["render", "--help"], env={**ENV, "COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "default: one per two cores" in " ".join(result.stdout.split())

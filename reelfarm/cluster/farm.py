@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from reelfarm import events
 from reelfarm.cluster.manifest import ManifestWriter, utcnow
 from reelfarm.cluster.runtime import connect, node_slots
 from reelfarm.cluster.scheduler import (
@@ -318,7 +319,16 @@ class Farm:
             # 2. Identities, once, shared by reference. 3. Dispatch and collect.
             self.ensure_started()
             run = _Run(self, sched, manifest, summary, self.prepare_identities(plan))
-            run.loop()
+            try:
+                run.loop()
+            except BaseException:
+                # Interrupted (Ctrl-C) or broken: nothing may stay marked running, and the
+                # committed chunks are kept; `reelfarm resume OUT` renders the rest.
+                for row in manifest.rows:
+                    if row.status == "running":
+                        row.status = "planned"
+                manifest.flush(force=True)
+                raise
         manifest.flush(force=True)
         summary.rendered = list(sched.rendered)
         summary.failed = dict(sched.failed)
@@ -342,6 +352,8 @@ class Farm:
             if manifest.get(c.key).status == "done":
                 continue  # rendered earlier in this same run (a re-render round)
             summary.cached.append(c.key)
+            events.emit("chunk_cached", run_id=manifest.run_id, shot=c.name.split("/")[0], chunk=c.name,
+                        key=c.key, frames=c.frame_end - c.frame_start)
             rec = self.store.record(c.key)
             manifest.update(c.key, status="cached", output_url=rec.url if rec else None,
                             checksum=rec.checksum if rec else None)
@@ -358,6 +370,7 @@ class _Run:
         self.identities = identities
         self.refs: dict[str, deque] = {}  # worker id -> refs of its queued chunks, head running
         self.by_id: dict[str, _Worker] = {}
+        self._running: dict[str, str] = {}  # worker -> key it runs, as last announced
 
     def loop(self) -> None:
         farm, sched = self.farm, self.sched
@@ -410,13 +423,21 @@ class _Run:
         self.manifest.update(key, status="done", worker=reply.worker, node=w.node_id, finished_at=utcnow(),
                              render_s=round(reply.render_s, 4), output_url=reply.record.url,
                              checksum=reply.record.checksum, error=None)
+        self._announce("chunk_done", key, worker=wid, seconds=round(reply.render_s, 4))
         self._apply(self.sched.on(ChunkDone(wid, key, seconds=reply.render_s)))
 
     def _head_key(self, wid: str) -> str:
         return self.sched.running()[wid]
 
+    def _announce(self, kind: str, key: str, **fields: Any) -> None:
+        job = self.sched.jobs[key]
+        _, chunk = job.payload
+        events.emit(kind, run_id=self.manifest.run_id, shot=job.shot, chunk=job.name, key=key,
+                    frames=chunk.frame_end - chunk.frame_start, est_s=job.est_s, **fields)
+
     def _worker_down(self, w: _Worker, cause: BaseException) -> None:
         logger.warning("worker %s lost: %s", w.wid, type(cause).__name__)
+        events.emit("worker_lost", run_id=self.manifest.run_id, worker=w.wid, error=type(cause).__name__)
         self._sync_nodes()  # a node that went away takes all its workers with it
         self._apply(self.sched.on(WorkerDown(w.wid, type(cause).__name__)))
 
@@ -448,14 +469,21 @@ class _Run:
                 ray.kill(w.handle)
             elif isinstance(d, Requeue):
                 self.manifest.update(d.key, status="planned", error=d.error[:2000])
+                self._announce("chunk_retry", d.key, error=d.error[:500])
             elif isinstance(d, Fail):
                 self.manifest.update(d.key, status="failed", error=d.error[:2000], attempts=d.attempts,
                                      finished_at=utcnow())
+                self._announce("chunk_failed", d.key, error=d.error[:500], attempt=d.attempts)
         alive = set(self.sched.alive())
         for wid, w in self.by_id.items():  # workers the scheduler took out are out here too
             if wid not in alive:
                 w.alive = False
                 self.refs.pop(wid, None)
+        running = self.sched.running()
+        for wid, key in running.items():  # a chunk starts when it reaches the head of its queue
+            if self._running.get(wid) != key:
+                self._announce("chunk_start", key, worker=wid)
+        self._running = running
 
     def _worker(self, wid: str) -> _Worker:
         if wid not in self.by_id:

@@ -49,7 +49,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             ray.init(address=address, **kwargs)
         else:
             # "local": always a new instance of our own, never whatever cluster was last
-            # started on this machine (which a bare ray.init() would join).
+            # started on this machine (which a bare ray.init() would join). Token auth
+            # stays on as Ray sets it; only its notice, printed on every run, is quietened.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                      include_dashboard=include_dashboard, dashboard_host=dashboard_host, **kwargs)
             started = True

@@ -11,12 +11,14 @@ flows and passes :class:`Stages` whose steps are Prefect tasks; that is all Pref
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from reelfarm import events
 from reelfarm.cluster.farm import Farm, RenderSummary
 from reelfarm.cluster.manifest import ManifestWriter
 from reelfarm.cluster.outdir import CAMPAIGN_DOC, FILM_DOC, OutputFolder
@@ -173,15 +175,24 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
     settings = settings or farm.settings
     manifest = ManifestWriter(store, plan, run_id, flush_s=settings.manifest_flush_s, prefix=prefix)
     out = OutputFolder(out_url, storage_options=store.storage_options)
+    t0 = time.monotonic()
+    events.emit("run_start", run_id=run_id, cell=prefix, est_s=plan.est_gpu_s, frames=plan.frames,
+                detail={"shots": {s.shot_id: len(s.chunks) for s in plan.shots},
+                        "frames": {s.shot_id: s.frames for s in plan.shots}})
     summary = farm.render(plan, manifest)
     result = RunResult(run_id=run_id, out_url=out_url, plan=plan, summary=summary)
     if summary.ok:
         review = {"contact_sheet": output.contact_sheet, "report": output.report} if output else {}
+        events.emit("stitch_start", run_id=run_id, cell=prefix)
         _stitch(result, farm, store, manifest, formats=formats, crf=crf, review=review)
+        events.emit("stitch_done", run_id=run_id, cell=prefix, detail={"outputs": sorted(result.outputs)})
     if not summary.ok:
         _partial(plan, store, out_url, result, crf)
     manifest.flush(force=True)
     out.write_status(_status_doc(result))
+    events.emit("run_done", run_id=run_id, cell=prefix, seconds=round(time.monotonic() - t0, 3),
+                detail={"ok": summary.ok, "rendered": len(summary.rendered), "cached": len(summary.cached),
+                        "failed_shots": dict(summary.failed_shots)})
     return result
 
 
