@@ -1,16 +1,20 @@
-"""Review deliverables: a labelled contact sheet and a plain HTML report of the run.
+"""Review deliverables: a labelled contact sheet and an HTML report of the run.
 
-The report needs no JavaScript: plan against actual GPU-seconds per shot, retries, seam
-scores, worker usage and links to every clip. Every string that came from a user or the
-manifest is escaped with :func:`html.escape`.
+The report needs no JavaScript and fetches nothing from elsewhere: the film and every shot
+play in the page (HTML5 video, relative links beside ``report.html``), shot thumbnails,
+charts from :mod:`reelfarm.render.charts` (worker timeline, planned against actual
+GPU-seconds, seam scores), and tables of retries, seams, workers and deliverables. Every
+string that came from a user or the manifest is escaped with :func:`html.escape`.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +32,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ReportMedia",
     "contact_sheet",
+    "data_uri",
     "manifest_summary",
     "render_report",
     "thumbnail",
@@ -123,17 +129,72 @@ def manifest_summary(plan: RenderPlan, manifest: pa.Table | None) -> tuple[dict,
 
 
 _CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}
-h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:1.6em;font-size:1.2em}
-table{border-collapse:collapse;background:#fff} td,th{border:1px solid #ddd;padding:4px 8px;
-text-align:left;vertical-align:top} th{background:#eee}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
-.bad{color:#b00;font-weight:bold} .ok{color:#070} .muted{color:#888} .prompt{max-width:32em}
+:root{--ink:#1d2330;--muted:#6b7280;--line:#e3e6eb;--bad:#c62828;--ok:#2e7d32;--accent:#2f6db5}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:var(--ink);
+background:#f3f4f6}
+header{background:#141922;color:#f5f6f8;padding:26px 32px 22px}
+header h1{font-size:1.9em;margin:0 0 .25em;font-weight:650;letter-spacing:-.01em}
+header p{margin:0;color:#aab1bd}
+main{max-width:1200px;margin:0 auto;padding:8px 32px 64px}
+h2{font-size:1.15em;margin:2em 0 .6em;padding-bottom:.3em;border-bottom:1px solid var(--line)}
+.tiles{display:flex;flex-wrap:wrap;gap:12px;margin:20px 0 4px}
+.tile{background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px 16px;min-width:140px}
+.tile strong{display:block;font-size:1.45em;font-variant-numeric:tabular-nums}
+.tile span{color:var(--muted);font-size:.85em}
+.tile.bad strong{color:var(--bad)}
+.film{background:#000;border-radius:8px;display:block;width:100%;max-width:960px;height:auto}
+.shots{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:14px}
+figure{margin:0}
+.card{background:#fff;border:1px solid var(--line);border-radius:8px;overflow:hidden}
+.card video{display:block;width:100%;height:auto;background:#000}
+.card figcaption{padding:6px 10px 8px;font-size:.9em}
+.card figcaption strong{margin-right:.4em}
+.chart{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px;margin:8px 0}
+.chart img{display:block;width:100%;max-width:1200px;height:auto}
+.sheet img{display:block;max-width:100%;height:auto;border-radius:6px}
+table{border-collapse:collapse;background:#fff;border:1px solid var(--line);margin:8px 0}
+td,th{border-bottom:1px solid var(--line);padding:5px 9px;text-align:left;vertical-align:middle}
+th{background:#f0f2f5;font-weight:600;font-size:.92em}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+td.thumb{padding:3px}
+td.thumb img{display:block;border-radius:3px}
+.bad{color:var(--bad);font-weight:bold} .ok{color:var(--ok)} .muted{color:var(--muted)}
+.prompt{max-width:30em}
+.badge{display:inline-block;border-radius:9px;padding:0 7px;font-size:.8em;background:#fde8e8;color:var(--bad)}
+.note{color:var(--muted);max-width:60em}
 """
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    """``data:<mime>;base64,...``: a picture carried inside the page."""
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+@dataclass(frozen=True)
+class ReportMedia:
+    """The pictures a report shows: ``data:`` URIs or paths relative to ``report.html``.
+
+    Attributes:
+        thumbs: shot id -> the shot's thumbnail image.
+        charts: chart name (``timeline``, ``gpu``, ``seams``) -> its PNG.
+        contact_sheet: the contact sheet, shown inline when there is one.
+    """
+
+    thumbs: Mapping[str, str] = field(default_factory=dict)
+    charts: Mapping[str, str] = field(default_factory=dict)
+    contact_sheet: str | None = None
 
 
 def _num(value: float | None, digits: int = 1) -> str:
     return "&ndash;" if value is None else f"{value:,.{digits}f}"
+
+
+def _film_source(methods: Mapping[str, str]) -> str | None:
+    """The film cut a browser can play: MP4, else WebM (ProRes does not play in browsers)."""
+    if not methods:
+        return "final.mp4"
+    return next((rel for rel in ("final.mp4", "final.webm") if rel in methods), None)
 
 
 def render_report(
@@ -143,8 +204,12 @@ def render_report(
     seam_scores: Mapping[str, Sequence[float]] | None = None,
     join_methods: Mapping[str, str] | None = None,
     probes: Mapping[str, MediaProbe] | None = None,
+    media: ReportMedia | None = None,
 ) -> str:
-    """The run as one self-contained HTML page (inline CSS, no scripts).
+    """The run as one HTML page (inline CSS, no scripts, nothing fetched from elsewhere).
+
+    Videos and pictures are relative links to files beside the page in OUT: ``final.mp4``,
+    ``shots/<shot>.mp4`` and whatever ``media`` names.
 
     Args:
         plan: the film's plan (planned GPU-seconds, shots, prompts).
@@ -152,29 +217,100 @@ def render_report(
         seam_scores: shot id -> seam scores.
         join_methods: output path -> how it was made ("encode", "copy", "reencode").
         probes: output path -> probe of the file written.
+        media: thumbnails and charts to show (see :class:`ReportMedia`).
     """
+    from reelfarm.render.charts import chunk_spans, seam_points, worker_usage
+
     e = html.escape
+    media = media or ReportMedia()
+    seams = dict(seam_scores or {})
+    methods = dict(join_methods or {})
     shot_rows, workers = manifest_summary(plan, manifest)
+    usage = worker_usage(chunk_spans(plan, manifest)[0])
+    points = seam_points(plan, seams)
     fps = Fraction(plan.fps)
     out: list[str] = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
         f"<title>{e(plan.title)} &ndash; reelfarm report</title><style>{_CSS}</style></head><body>",
-        f"<h1>{e(plan.title)}</h1>",
-        f'<p class="muted">plan {e(plan.key)} &middot; {plan.width}&times;{plan.height} '
+        f"<header><h1>{e(plan.title)}</h1>",
+        f'<p>plan {e(plan.key)} &middot; {plan.width}&times;{plan.height} '
         f"@ {e(str(fps))} fps &middot; {plan.frames} frames ({plan.duration_s:.2f} s) &middot; "
-        f"{len(plan.shots)} shots, {len(plan.chunks)} chunks</p>",
+        f"{len(plan.shots)} shots, {len(plan.chunks)} chunks</p></header><main>",
     ]
-    out += _deliverables_section(dict(join_methods or {}), dict(probes or {}))
-    out += _shots_section(plan, shot_rows, dict(seam_scores or {}), has_manifest=manifest is not None)
-    out += _workers_section(workers)
-    out.append("</body></html>")
+    out += _tiles(plan, shot_rows, points, usage, has_manifest=manifest is not None)
+    out += _film_section(plan, methods)
+    out += _shot_cards(plan, media, points)
+    out += _shots_section(plan, shot_rows, seams, media, has_manifest=manifest is not None)
+    out += _seams_section(points, media)
+    out += _workers_section(workers, usage, media)
+    out += _deliverables_section(methods, dict(probes or {}), media)
+    out.append("</main></body></html>")
     return "\n".join(out) + "\n"
 
 
-def _deliverables_section(methods: dict[str, str], probes: dict[str, MediaProbe]) -> list[str]:
+def _tiles(plan: RenderPlan, shot_rows: dict, points: Sequence[Any], usage: Mapping[str, Any], *,
+           has_manifest: bool) -> list[str]:
+    actual = sum(r["actual_s"] or 0.0 for r in shot_rows.values()) if has_manifest else None
+    retries = sum(r["retries"] for r in shot_rows.values())
+    flagged = sum(1 for p in points if p.flagged)
+    busy = sum(u.busy_s for u in usage.values())
+    window = sum(u.window_s for u in usage.values())
+    tiles = [
+        (f"{plan.duration_s:.1f} s", f"{len(plan.shots)} shots &middot; {len(plan.chunks)} chunks", False),
+        (_num(plan.est_gpu_s), "planned GPU-s", False),
+        (_num(actual), "actual GPU-s", False),
+        (str(retries), "retries", retries > 0),
+        (f"{flagged} of {len(points)}", f"seams above {SEAM_WARN:g}", flagged > 0),
+        (f"{100 * busy / window:.0f}%" if window else "&ndash;", f"farm busy, {len(usage)} workers", False),
+    ]
+    return ['<div class="tiles">'] + [
+        f'<div class="tile{" bad" if bad else ""}"><strong>{value}</strong><span>{label}</span></div>'
+        for value, label, bad in tiles] + ["</div>"]
+
+
+def _film_section(plan: RenderPlan, methods: Mapping[str, str]) -> list[str]:
+    e = html.escape
+    src = _film_source(methods)
+    out = ["<h2>Film</h2>"]
+    if src is None:
+        finals = [rel for rel in methods if rel.startswith("final.")]
+        links = ", ".join(f'<a href="{e(rel)}">{e(rel)}</a>' for rel in finals)
+        return out + [f'<p class="note">No cut a browser can play was asked for; open {links} in an editor.</p>']
+    return out + [f'<video class="film" controls preload="metadata" width="{plan.width}" '
+                  f'height="{plan.height}" src="{e(src)}"></video>']
+
+
+def _shot_cards(plan: RenderPlan, media: ReportMedia, points: Sequence[Any]) -> list[str]:
+    e = html.escape
+    flagged: dict[str, int] = {}
+    for p in points:
+        flagged[p.shot_id] = flagged.get(p.shot_id, 0) + int(p.flagged)
+    out = ['<h2>Shots</h2><div class="shots">']
+    for s in plan.shots:
+        poster = media.thumbs.get(s.shot_id)
+        poster_attr = f' poster="{e(poster)}"' if poster else ""
+        badge = (f' <span class="badge">{flagged[s.shot_id]} seam{"s" if flagged[s.shot_id] > 1 else ""}</span>'
+                 if flagged.get(s.shot_id) else "")
+        out.append(
+            f'<figure class="card"><video controls preload="metadata" width="{s.width}" height="{s.height}"'
+            f'{poster_attr} src="{e(f"shots/{s.shot_id}.mp4")}"></video>'
+            f'<figcaption><strong>{e(s.shot_id)}</strong><span class="muted">{e(s.scene_id)} &middot; '
+            f"{float(s.frames / Fraction(s.fps)):.2f} s</span>{badge}</figcaption></figure>")
+    out.append("</div>")
+    return out
+
+
+def _chart(media: ReportMedia, name: str, alt: str) -> list[str]:
+    rel = media.charts.get(name)
+    return [f'<div class="chart"><img src="{html.escape(rel)}" alt="{html.escape(alt)}"></div>'] if rel else []
+
+
+def _deliverables_section(methods: dict[str, str], probes: dict[str, MediaProbe], media: ReportMedia
+                          ) -> list[str]:
     e = html.escape
     out = ["<h2>Deliverables</h2><table><tr><th>file</th><th>made by</th><th>codec</th>"
-           "<th>frames</th><th>seconds</th><th>audio</th></tr>"]
+           '<th class="n">frames</th><th class="n">seconds</th><th>audio</th></tr>']
     for rel, method in methods.items():
         if rel.startswith("shots/"):
             continue
@@ -187,15 +323,19 @@ def _deliverables_section(methods: dict[str, str], probes: dict[str, MediaProbe]
             f"<td>{e(pr.audio.codec) if pr and pr.audio else ''}</td></tr>")
     out.append('</table><p><a href="timeline.otio">timeline.otio</a> &middot; '
                '<a href="contact_sheet.png">contact sheet</a></p>')
+    if media.contact_sheet:
+        out.append(f'<figure class="sheet"><a href="{e(media.contact_sheet)}"><img src="{e(media.contact_sheet)}" '
+                   'alt="contact sheet: the middle frame of every shot"></a></figure>')
     return out
 
 
-def _shots_section(plan: RenderPlan, shot_rows: dict, seams: dict[str, Sequence[float]], *,
+def _shots_section(plan: RenderPlan, shot_rows: dict, seams: dict[str, Sequence[float]], media: ReportMedia, *,
                    has_manifest: bool) -> list[str]:
     e = html.escape
-    out = ["<h2>Shots</h2><table><tr><th>#</th><th>shot</th><th>scene</th><th>frames</th>"
-           "<th>chunks</th><th>planned GPU-s</th><th>actual GPU-s</th><th>retries</th>"
-           "<th>seam scores</th><th>prompt</th></tr>"]
+    out = ["<h2>Planned against actual GPU time</h2>", *_chart(media, "gpu", "planned and actual GPU-seconds per shot"),
+           '<table><tr><th>#</th><th></th><th>shot</th><th>scene</th><th class="n">frames</th>'
+           '<th class="n">chunks</th><th class="n">planned GPU-s</th><th class="n">actual GPU-s</th>'
+           '<th class="n">retries</th><th>seam scores</th><th>prompt</th></tr>']
     planned_total, actual_total, retries_total = 0.0, 0.0, 0
     for s in plan.shots:
         row = shot_rows[s.shot_id]
@@ -209,31 +349,61 @@ def _shots_section(plan: RenderPlan, shot_rows: dict, seams: dict[str, Sequence[
         failed = f' <span class="bad">{row["failed"]} failed</span>' if row["failed"] else ""
         errors = "".join(f'<br><span class="bad">{e(err[:300])}</span>'
                          for err in row["errors"][:3])
-        link = f"shots/{s.shot_id}.mp4"
+        link = e(f"shots/{s.shot_id}.mp4")
+        thumb = media.thumbs.get(s.shot_id)
+        thumb_html = (f'<a href="{link}"><img src="{e(thumb)}" width="96" alt="{e(s.shot_id)}"></a>'
+                      if thumb else "")
         out.append(
-            f'<tr><td class="n">{s.index}</td><td><a href="{e(link)}">{e(s.shot_id)}</a></td>'
+            f'<tr><td class="n">{s.index}</td><td class="thumb">{thumb_html}</td>'
+            f'<td><a href="{link}">{e(s.shot_id)}</a></td>'
             f"<td>{e(s.scene_id)}</td><td class=\"n\">{s.frames}</td>"
             f'<td class="n">{len(s.chunks)}</td><td class="n">{_num(s.est_gpu_s)}</td>'
             f'<td class="n">{_num(row["actual_s"])}</td><td class="n">{row["retries"]}{failed}</td>'
             f'<td>{score_html}</td><td class="prompt">{e(s.prompt)}{errors}</td></tr>')
-    out.append(f'<tr><th colspan="5">total</th><th class="n">{_num(planned_total)}</th>'
+    out.append(f'<tr><th colspan="6">total</th><th class="n">{_num(planned_total)}</th>'
                f'<th class="n">{_num(actual_total if has_manifest else None)}</th>'
                f'<th class="n">{retries_total}</th><th colspan="2"></th></tr></table>')
     return out
 
 
-def _workers_section(workers: dict) -> list[str]:
+def _seams_section(points: Sequence[Any], media: ReportMedia) -> list[str]:
     e = html.escape
-    out = ["<h2>Workers</h2>"]
+    out = ["<h2>Seams</h2>",
+           '<p class="note">Long shots are rendered in chunks that overlap by a few frames and are '
+           "blended there. A seam score is the picture&rsquo;s jump across that join divided by the "
+           "footage&rsquo;s own frame-to-frame motion: 1.0 moves like the shot around it, "
+           f"above {SEAM_WARN:g} the join jumps more than twice as much as the footage and may be "
+           "visible. Those seams are red here and carry red markers in timeline.otio.</p>"]
+    if not points:
+        return out + ['<p class="muted">no seam scores (a shot of one chunk has no seams)</p>']
+    out += _chart(media, "seams", "seam scores along the film, with the warning threshold")
+    bad = [p for p in points if p.flagged]
+    if not bad:
+        return out + [f'<p class="ok">all {len(points)} seams at or below {SEAM_WARN:g}</p>']
+    out.append('<table><tr><th>shot</th><th class="n">seam</th><th class="n">at film s</th>'
+               '<th class="n">score</th></tr>')
+    out += [f'<tr><td>{e(p.shot_id)}</td><td class="n">{p.index}</td><td class="n">{p.film_s:.2f}</td>'
+            f'<td class="n bad">{p.score:.2f}</td></tr>' for p in bad]
+    out.append("</table>")
+    return out
+
+
+def _workers_section(workers: dict, usage: Mapping[str, Any], media: ReportMedia) -> list[str]:
+    e = html.escape
+    out = ["<h2>Farm</h2>"]
     if not workers:
         return out + ['<p class="muted">no manifest rows with a worker</p>']
+    out += _chart(media, "timeline", "chunks per worker over time, with idle gaps")
     busy = sum(w["render_s"] for w in workers.values()) or 1.0
-    out.append("<table><tr><th>worker</th><th>node</th><th>chunks</th><th>render s</th>"
-               "<th>share</th></tr>")
+    out.append('<table><tr><th>worker</th><th>node</th><th class="n">chunks</th><th class="n">render s</th>'
+               '<th class="n">share</th><th class="n">busy</th><th class="n">idle s</th></tr>')
     for name, w in sorted(workers.items()):
+        u = usage.get(name)
         out.append(
             f"<tr><td>{e(str(name))}</td><td>{e(str(w['node'] or ''))}</td>"
             f'<td class="n">{w["chunks"]}</td><td class="n">{_num(w["render_s"])}</td>'
-            f'<td class="n">{100 * w["render_s"] / busy:.0f}%</td></tr>')
+            f'<td class="n">{100 * w["render_s"] / busy:.0f}%</td>'
+            f'<td class="n">{f"{100 * u.utilisation:.0f}%" if u else "&ndash;"}</td>'
+            f'<td class="n">{_num(u.idle_s if u else None)}</td></tr>')
     out.append("</table>")
     return out
