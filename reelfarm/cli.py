@@ -215,7 +215,7 @@ def _nest(flat: dict[str, str]) -> dict:
 AddressOpt = Annotated[
     Optional[str], typer.Option("--address", help="join a Ray cluster: auto, HOST:PORT or ray://...")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", help="CPU workers when there is no GPU  [default: one per two cores, at least 1]")]
+    "--workers", help="CPU workers when there is no GPU", show_default="one per two cores, at least 1")]
 DelayOpt = Annotated[
     Optional[float], typer.Option("--chunk-delay", help="seconds each chunk takes at least (demos, drills)")]
 StorageOpt = Annotated[
@@ -307,8 +307,10 @@ def _interrupted(job, settings) -> int:
     keys = {c.key for _, film in job.cells for c in plan_film(film).chunks}
     kept = sum(store.is_complete(k) for k in keys)
     err_console.print(f"[bold yellow]interrupted[/]: {kept} of {len(keys)} chunks are committed in "
-                      f"{job.out_url} and kept. Finish the run with:", highlight=False)
-    err_console.print(f"  reelfarm resume {shlex.quote(job.out_url)}", highlight=False, markup=False)
+                      f"{escape(job.out_url)} and kept. Finish the run with:", highlight=False, soft_wrap=True)
+    # One line whatever the terminal's width: it is meant to be copied.
+    err_console.print(f"  reelfarm resume {shlex.quote(job.out_url)}", highlight=False, markup=False,
+                      soft_wrap=True)
     return 130
 
 

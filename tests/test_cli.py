@@ -251,4 +251,4 @@ def test_figures_never_split_in_an_80_column_terminal(runner, specs):
 def test_help_shows_the_workers_default(runner):
     result = runner.invoke(app, ["render", "--help"], env={**ENV, "COLUMNS": "200"})
     assert result.exit_code == 0
-    assert "default: one per two cores" in " ".join(result.stdout.split())
+    assert "[default: (one per two cores, at least 1)]" in " ".join(result.stdout.split())
