@@ -44,21 +44,29 @@ def _fail(e: FarmError, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _load(spec: str):
+def _load(spec: str, allow_read: list[str] | None = None):
+    """Load a spec; reads are confined to its folder, `allowed_read_roots` and ``--allow-read``."""
     from reelfarm.schemas.loader import load_spec
+    from reelfarm.settings import Settings
 
     try:
-        return load_spec(spec)
+        return load_spec(spec, allowed_roots=[*Settings().allowed_read_roots, *(allow_read or [])])
     except SpecError as e:
         raise _fail(e) from None
 
 
+AllowReadOpt = Annotated[Optional[list[str]], typer.Option(
+    "--allow-read", help="a folder or URL prefix the spec may read references and audio from, besides its "
+    "own folder (repeat; adds to REELFARM_ALLOWED_READ_ROOTS)")]
+
+
 @app.command()
-def validate(spec: Annotated[str, typer.Argument(help="film or campaign spec: path or fsspec URL")]) -> None:
+def validate(spec: Annotated[str, typer.Argument(help="film or campaign spec: path or fsspec URL")],
+             allow_read: AllowReadOpt = None) -> None:
     """Check a film or campaign spec. Prints every problem with file, line and field."""
     from reelfarm.schemas.film import Film
 
-    loaded = _load(spec)
+    loaded = _load(spec, allow_read)
     if isinstance(loaded, Film):
         n = sum(len(s.shots) for s in loaded.scenes)
         console.print(f"[green]ok[/] {loaded.title!r}: {len(loaded.scenes)} scenes, {n} shots", highlight=False)
@@ -100,6 +108,7 @@ def plan_cmd(
         "--gpus", min=1, help="simulate the render on N GPUs: makespan, utilisation, cost")] = None,
     gpu: Annotated[str, typer.Option("--gpu", help="GPU class to simulate: l4, a10g, l40s, a100, h100, h200")
                    ] = "h200",
+    allow_read: AllowReadOpt = None,
 ) -> None:
     """Plan a film or campaign into chunks and print the plan, its GPU-hours and cost.
 
@@ -124,7 +133,7 @@ def plan_cmd(
         t.caption = "GPU times, throughputs and prices are the table's (estimates where marked)"
         console.print(t)
 
-    loaded = _load(spec)
+    loaded = _load(spec, allow_read)
     if gpus is not None:
         from reelfarm.cluster.simulate import GPU_CLASSES
 
@@ -325,12 +334,15 @@ def render(
     dashboard_host: DashOpt = None,
     prefect: PrefectOpt = True,
     as_json: JsonOpt = False,
+    allow_read: AllowReadOpt = None,
 ) -> None:
     """Render a film or campaign on Ray (an embedded local instance unless --address)."""
     from reelfarm.flows.render import RunJob
 
     settings = _settings(address, workers, chunk_delay, storage_option, dashboard_host)
-    job = RunJob.from_loaded(_load(spec), out, spec)  # bad input: exit 2 before Prefect or Ray start
+    if allow_read:
+        settings = settings.model_copy(update={"allowed_read_roots": [*settings.allowed_read_roots, *allow_read]})
+    job = RunJob.from_loaded(_load(spec, allow_read), out, spec)  # bad input: exit 2 before Prefect or Ray
     raise typer.Exit(_run(job, settings, prefect, spec=spec, as_json=as_json))
 
 
@@ -435,14 +447,17 @@ def schedule(
     spec: Annotated[str, typer.Argument(help="campaign spec with a `schedule: {cron: ...}`")],
     out: Annotated[str, typer.Option("--out", "-o", help="output location for every run")],
     name: Annotated[Optional[str], typer.Option("--name", help="deployment name")] = None,
+    allow_read: AllowReadOpt = None,
 ) -> None:
     """Serve a campaign as a Prefect deployment on its cron schedule (blocks)."""
     from prefect import serve
 
     from reelfarm.flows.deploy import build_deployment
+    from reelfarm.settings import Settings
 
     try:
-        deployment = build_deployment(spec, out, name=name)
+        deployment = build_deployment(spec, out, name=name,
+                                      allowed_roots=[*Settings().allowed_read_roots, *(allow_read or [])])
     except SpecError as e:
         raise _fail(e) from None
     console.print(f"serving deployment {deployment.name!r} ({deployment.schedules})", highlight=False)

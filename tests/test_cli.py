@@ -252,3 +252,17 @@ def test_help_shows_the_workers_default(runner):
     result = runner.invoke(app, ["render", "--help"], env={**ENV, "COLUMNS": "200"})
     assert result.exit_code == 0
     assert "[default: (one per two cores, at least 1)]" in " ".join(result.stdout.split())
+
+
+def test_reads_outside_the_spec_folder_need_allow_read(runner, specs, tmp_path):
+    shared = tmp_path / "shared-refs"
+    shared.mkdir()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(shared / "moth.png")
+    text = (specs / "film.yaml").read_text().replace("reference: moth.png", f"reference: {shared / 'moth.png'}")
+    assert text != (specs / "film.yaml").read_text()
+    (specs / "outside.yaml").write_text(text)
+    refused = runner.invoke(app, ["validate", str(specs / "outside.yaml")], env=ENV)
+    assert refused.exit_code == 2
+    assert "allowed_read_roots" in refused.output and "moth.png" in refused.output
+    allowed = runner.invoke(app, ["validate", str(specs / "outside.yaml"), "--allow-read", str(shared)], env=ENV)
+    assert allowed.exit_code == 0, allowed.output

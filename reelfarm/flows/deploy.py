@@ -24,13 +24,17 @@ def deployment_name(title: str) -> str:
 
 
 def build_deployment(spec: str, out: str, *, name: str | None = None,
-                     storage_options: dict | None = None) -> RunnerDeployment:
+                     storage_options: dict | None = None, allowed_roots: list[str] | None = None
+                     ) -> RunnerDeployment:
     """The deployment that renders ``spec`` into ``out`` on the campaign's schedule.
+
+    ``allowed_roots``: where the campaign may read besides its folder (each nightly run
+    reads them from ``REELFARM_ALLOWED_READ_ROOTS`` in the worker's environment).
 
     Raises:
         SpecError: the campaign is invalid or has no ``schedule``.
     """
-    loaded = load_campaign(spec, storage_options=storage_options)
+    loaded = load_campaign(spec, storage_options=storage_options, allowed_roots=allowed_roots or ())
     schedule = loaded.campaign.schedule
     if schedule is None:
         raise SpecError.single(spec, "the campaign has no `schedule: {cron: ...}` to deploy",

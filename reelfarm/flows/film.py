@@ -115,7 +115,9 @@ def _finish(job: RunJob, results: dict[str, RunResult]) -> dict[str, Any]:
 def render_film_flow(spec: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
     """Render a film spec into OUT. Fails (after keeping everything) if any shot failed."""
     settings = _settings(settings)
-    job = RunJob.from_loaded(validate_task(spec, storage_options=settings.storage_options), out, spec)
+    loaded = validate_task(spec, storage_options=settings.storage_options,
+                           allowed_roots=settings.allowed_read_roots)
+    job = RunJob.from_loaded(loaded, out, spec)
     return _finish(job, run_job(job, settings, stages=PREFECT_STAGES))
 
 

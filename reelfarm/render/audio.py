@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 
 import fsspec
 
 from reelfarm.errors import StitchError
+from reelfarm.schemas.loader import audio_format
 
 __all__ = ["stage_audio"]
-
-_AUDIO_MAGIC: list[tuple[Callable[[bytes], bool], str]] = [
-    (lambda h: h[:4] == b"RIFF" and h[8:12] == b"WAVE", "wav"),
-    (lambda h: h[:4] == b"fLaC", "flac"),
-    (lambda h: h[:4] == b"OggS", "ogg"),
-    (lambda h: h[4:8] == b"ftyp", "mov"),
-    (lambda h: h[:4] == b"\x1a\x45\xdf\xa3", "matroska"),
-    (lambda h: h[:3] == b"ID3" or (h[0] == 0xFF and h[1] & 0xE6 == 0xE2), "mp3"),
-    (lambda h: h[0] == 0xFF and h[1] & 0xF6 == 0xF0, "aac"),
-]
 
 
 def stage_audio(url: str, workdir: str, storage_options: dict | None = None) -> tuple[str, str]:
@@ -42,8 +32,7 @@ def stage_audio(url: str, workdir: str, storage_options: dict | None = None) -> 
     except Exception as exc:
         raise StitchError(f"cannot read `audio` {url!r}: {type(exc).__name__}: {exc}") from None
     with open(local, "rb") as fh:
-        head = fh.read(16).ljust(16, b"\0")
-    fmt = next((name for test, name in _AUDIO_MAGIC if test(head)), None)
+        fmt = audio_format(fh.read(16))  # the loader's rule, one owner
     if fmt is None:
         raise StitchError(f"`audio` {url!r} is not wav, flac, ogg, mp3, aac, mp4/m4a or mkv/webm")
     import av

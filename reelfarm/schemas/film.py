@@ -253,6 +253,17 @@ class DiffusersModel(_ModelCommon):
     continuation: Literal["previous", "reference"] = "previous"
 
     @model_validator(mode="after")
+    def _text_length_is_read(self) -> DiffusersModel:
+        # Only LTX takes a prompt length: Wan's transformer splits image from text by
+        # assuming 512 text tokens, CogVideoX takes its length from the model's config,
+        # SVD reads no prompt. A value the model would ignore is refused, not dropped.
+        default = type(self).model_fields["max_sequence_length"].default
+        if self.family != "ltx" and self.max_sequence_length != default:
+            raise ValueError(f"`max_sequence_length` is read by the ltx family only, not {self.family!r}; "
+                             f"remove it, got {self.max_sequence_length}")
+        return self
+
+    @model_validator(mode="after")
     def _continuation_overlaps(self) -> DiffusersModel:
         # An image-to-video chunk's first frame reproduces the image it starts from: that
         # frame must be one the previous chunk made, or the shot shows it twice.

@@ -664,3 +664,15 @@ def test_a_shot_shorter_than_its_transitions_in_and_out(write_spec):
         "transitions in (24 frames) and out to 's02_010' (12 frames) together"
     )
     load_film(write_spec(edit("crossfade: 1.0", "crossfade: 0.75", text)))  # 18 + 12 frames fit in 30
+
+
+def test_max_sequence_length_is_refused_where_the_family_ignores_it():
+    from pydantic import ValidationError
+
+    from reelfarm.schemas.film import DiffusersModel
+
+    assert DiffusersModel(backend="diffusers", family="ltx", id="x", max_sequence_length=128).max_sequence_length == 128
+    for family in ("wan", "cogvideox", "svd"):
+        with pytest.raises(ValidationError, match="read by the ltx family only"):
+            DiffusersModel(backend="diffusers", family=family, id="x", max_sequence_length=300)
+        DiffusersModel(backend="diffusers", family=family, id="x")  # the default stays accepted
