@@ -18,34 +18,18 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 
-from reelfarm.errors import FarmError, RenderError
+from reelfarm.errors import FarmError
 from reelfarm.flows.plan import plan_film
 from reelfarm.flows.render import RunJob, RunResult, Stages, render_plan, resume_job, run_job, run_summary
 from reelfarm.schemas.loader import load_spec
 from reelfarm.settings import Settings
 
-__all__ = ["ShotsFailed", "record_run", "render_campaign_flow", "render_film_flow", "resume_flow",
+__all__ = ["record_run", "render_campaign_flow", "render_film_flow", "resume_flow",
            "run_summary"]
 
 logger = logging.getLogger(__name__)
-
-
-class ShotsFailed(RenderError):
-    """A run finished with failed shots; everything else was kept. Carries the summary.
-
-    Args:
-        message: which shots failed.
-        summary: the run's summary (what the flow would have returned).
-    """
-
-    def __init__(self, message: str, summary: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.message = message
-        self.summary = summary
-
-    def __reduce__(self):
-        return (type(self), (self.message, self.summary))
 
 
 def is_retryable(task: Any, task_run: Any, state: Any) -> bool:
@@ -93,8 +77,9 @@ def _settings(settings: Settings | None) -> Settings:
     return settings
 
 
-def _finish(job: RunJob, results: dict[str, RunResult]) -> dict[str, Any]:
-    """The flow's return value; raises ShotsFailed (after everything is kept) when a shot failed."""
+def _finish(job: RunJob, results: dict[str, RunResult]) -> dict[str, Any] | State:
+    """The flow's return value: the summary; when a shot failed (everything else kept), a
+    Failed state carrying it, so Prefect records a failed run without a traceback."""
     log = get_run_logger()
     cells = {cell: run_summary(r) for cell, r in results.items()}
     for cell, s in cells.items():
@@ -106,13 +91,13 @@ def _finish(job: RunJob, results: dict[str, RunResult]) -> dict[str, Any]:
     failed = {f"{cell}/{shot}" if cell else shot: err for cell, s in cells.items()
               for shot, err in s["failed_shots"].items()}
     if failed:
-        raise ShotsFailed(f"{len(failed)} shot(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()),
-                          summary)
+        return Failed(message=f"{len(failed)} shot(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()),
+                      data=summary)
     return summary
 
 
 @flow(name="render-film", log_prints=True, validate_parameters=False)
-def render_film_flow(spec: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
+def render_film_flow(spec: str, out: str, settings: Settings | None = None) -> dict[str, Any] | State:
     """Render a film spec into OUT. Fails (after keeping everything) if any shot failed."""
     settings = _settings(settings)
     loaded = validate_task(spec, storage_options=settings.storage_options,
@@ -122,13 +107,13 @@ def render_film_flow(spec: str, out: str, settings: Settings | None = None) -> d
 
 
 @flow(name="render-campaign", log_prints=True, validate_parameters=False)
-def render_campaign_flow(spec: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
+def render_campaign_flow(spec: str, out: str, settings: Settings | None = None) -> dict[str, Any] | State:
     """Render every cell of a campaign into ``OUT/<cell>/``, chunks shared under ``OUT/chunks``."""
     return render_film_flow.fn(spec, out, settings)
 
 
 @flow(name="resume", log_prints=True, validate_parameters=False)
-def resume_flow(out: str, settings: Settings | None = None) -> dict[str, Any]:
+def resume_flow(out: str, settings: Settings | None = None) -> dict[str, Any] | State:
     """Finish the film or campaign run in OUT: renders only what storage lacks."""
     settings = _settings(settings)
     job = resume_task(out, settings.storage_options)
@@ -143,8 +128,6 @@ def record_run(flow_fn: Any, *args: Any) -> dict[str, Any]:
     """
     state = flow_fn(*args, return_state=True)
     result = state.result(raise_on_failure=False)
-    if isinstance(result, ShotsFailed):
-        return result.summary
     if isinstance(result, BaseException):
         raise result
-    return result
+    return result  # the summary, also from a Failed state (shots failed, the rest kept)
