@@ -258,10 +258,16 @@ def _run(job, settings, use_prefect: bool, *, spec: str | None = None, as_json: 
     chunk, marks nothing running, and says how to resume (exit 130).
     """
     from reelfarm import events
+    from reelfarm.cluster.outdir import OutputFolder
     from reelfarm.flows.render import up_to_date
     from reelfarm.progress import display_for
 
     out = err_console if as_json else console
+    try:  # a bad OUT: exit 2, one line, before Prefect or Ray start
+        OutputFolder(job.out_url, storage_options=settings.storage_options).check()
+    except (FarmError, ValueError) as e:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2
     try:
         if up_to_date(job, settings):  # no Prefect, no Ray: nothing to render or encode
             cells = [cell or job.out_url for cell, _ in job.cells]

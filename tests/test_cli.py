@@ -266,3 +266,17 @@ def test_reads_outside_the_spec_folder_need_allow_read(runner, specs, tmp_path):
     assert "allowed_read_roots" in refused.output and "moth.png" in refused.output
     allowed = runner.invoke(app, ["validate", str(specs / "outside.yaml"), "--allow-read", str(shared)], env=ENV)
     assert allowed.exit_code == 0, allowed.output
+
+
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_a_bad_out_is_one_line_and_exit_2_before_anything_starts(runner, specs, tmp_path, where):
+    if where == "proc":
+        out = "/proc/reelfarm-x"
+    else:
+        out = str(tmp_path / "a-file")
+        Path(out).write_text("not a folder")
+    result = runner.invoke(app, ["render", str(specs / "film.yaml"), "--out", out, "--no-prefect"], env=ENV)
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and out in lines[0] and "--out" in lines[0], lines
+    assert "Traceback" not in result.output

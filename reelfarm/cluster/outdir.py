@@ -9,9 +9,10 @@ the manifest in :mod:`reelfarm.cluster.manifest`.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
-from reelfarm.errors import SpecError
+from reelfarm.errors import FarmError, SpecError
 from reelfarm.schemas.film import Film
 from reelfarm.storage import Location, check_relpath
 
@@ -24,6 +25,35 @@ STATUS_DOC = "status.json"  # the last run's outcome, per shot
 
 class OutputFolder(Location):
     """OUT (or a campaign cell's ``OUT/<cell>``) as the home of a run's documents."""
+
+    def check(self) -> OutputFolder:
+        """Refuse an OUT that cannot hold a run, before anything starts (no file written).
+
+        Raises:
+            FarmError: OUT is an existing file, or a folder that cannot be made or written.
+        """
+        if self.local:
+            path = self._path()
+            probe = path
+            while probe and not os.path.exists(probe):  # the nearest existing ancestor
+                probe = os.path.dirname(probe.rstrip("/"))
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise FarmError(f"--out {self.root_url}: is a file, not a folder")
+            if not probe or not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+                raise FarmError(f"--out {self.root_url}: cannot create or write there ({probe or '/'} "
+                                "is not a writable folder)")
+            if probe.startswith(("/proc", "/sys", "/dev")):
+                raise FarmError(f"--out {self.root_url}: {probe} is a kernel file system, not storage")
+            return self
+        try:
+            bucket = self._path().split("/", 1)[0]
+            if bucket and not self.fs.exists(bucket):
+                raise FarmError(f"--out {self.root_url}: the bucket {bucket!r} does not exist")
+        except FarmError:
+            raise
+        except Exception as e:  # noqa: BLE001 - credentials, endpoint: say which
+            raise FarmError(f"--out {self.root_url}: cannot reach it ({type(e).__name__}: {e})") from None
+        return self
 
     def cell(self, cell: str) -> OutputFolder:
         """The folder of one campaign cell; ``""`` is this folder."""

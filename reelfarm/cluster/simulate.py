@@ -367,7 +367,7 @@ class _Sim:
         full, rest = divmod(spec.gpus, spec.gpus_per_node)
         self._slots = [rest] * bool(rest) + [spec.gpus_per_node] * full
         # Every node is known before its workers report (else the first would queue two).
-        self.defer: list | None = []
+        self.defer = []
         while self._slots:
             self.node_up()
         deferred, self.defer = self.defer, None
