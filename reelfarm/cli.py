@@ -472,6 +472,12 @@ def schedule(
 
 def main() -> None:  # pragma: no cover - console script
     logging.basicConfig(level=logging.WARNING)
+    if len(sys.argv) > 1 and sys.argv[1] in ("render", "resume", "demo"):
+        # Whatever this process starts (Prefect's server, an embedded Ray) must not outlive
+        # it, however it dies: a watchdog in its own session stops the leftovers.
+        from reelfarm.reaper import start_reaper
+
+        start_reaper()
     app()
 
 
