@@ -59,7 +59,14 @@ def chunk_ranges(frames: int, rule: FamilyRule, per_chunk: int, overlap: int) ->
 def _model_doc(model: Any) -> dict[str, Any]:
     if isinstance(model, AnimaticModel):
         return {"backend": "animatic", "slate": model.slate, "version": ANIMATIC_VERSION}
-    return {k: v for k, v in model.model_dump(mode="json").items() if k not in _NOT_PIXELS}
+    doc = {k: v for k, v in model.model_dump(mode="json").items() if k not in _NOT_PIXELS}
+    # Only the accel options that change pixels, and only when set: a film with no `accel:`
+    # keeps the keys it had before the block existed (schemas/accel.py says which count).
+    doc.pop("accel", None)
+    accel = model.accel.pixel_doc()
+    if accel:
+        doc["accel"] = accel
+    return doc
 
 
 def _plan_shot(film: Film, scene: Scene, shot: Shot, index: int, transition_frames: int) -> ShotPlan:
@@ -88,6 +95,11 @@ def _plan_shot(film: Film, scene: Scene, shot: Shot, index: int, transition_fram
     }
     if isinstance(model, AnimaticModel) and model.slate:
         shot_doc["slate"] = [scene.id, shot.id]
+    qc = film.qc_for(shot)
+    if qc is not None and qc.key_doc() is not None:
+        # More than one take: which take the chunk's key commits depends on the policy.
+        # Each take is stored under schemas.qc.take_key(key, take) with take_seed(seed, take).
+        shot_doc["qc"] = qc.key_doc()
     prefix = hashlib.sha256(json.dumps(shot_doc, sort_keys=True, separators=(",", ":")).encode())
     # 2. Chunks: frame ranges, seeds, keys chained through their conditioning.
     chained = model.continuation == "previous"
@@ -117,7 +129,7 @@ def _plan_shot(film: Film, scene: Scene, shot: Shot, index: int, transition_fram
         characters=names, character_hashes=hashes, camera=shot.camera,
         transition=shot.transition, transition_frames=transition_frames, model=model,
         width=w, height=h, fps=film.fps, frames=frames, seed=base_seed,
-        chunks=tuple(chunks), est_gpu_s=round(total, 4),
+        chunks=tuple(chunks), est_gpu_s=round(total, 4), qc=qc,
     )
 
 

@@ -38,7 +38,9 @@ from pydantic import (
     model_validator,
 )
 
+from reelfarm.schemas.accel import Accel
 from reelfarm.schemas.families import FamilyRule, family_for
+from reelfarm.schemas.qc import QcPolicy
 
 __all__ = [
     "SPEC_VERSION",
@@ -249,6 +251,7 @@ class DiffusersModel(_ModelCommon):
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     offload: Literal["none", "model", "sequential"] = "none"
     vae_tiling: bool = False
+    accel: Accel = Field(Accel(), description="acceleration (schemas/accel.py)")
     max_sequence_length: int = Field(226, ge=8, le=1024)
     continuation: Literal["previous", "reference"] = "previous"
 
@@ -261,6 +264,16 @@ class DiffusersModel(_ModelCommon):
         if self.family != "ltx" and self.max_sequence_length != default:
             raise ValueError(f"`max_sequence_length` is read by the ltx family only, not {self.family!r}; "
                              f"remove it, got {self.max_sequence_length}")
+        return self
+
+    @model_validator(mode="after")
+    def _accel_fits_family(self) -> DiffusersModel:
+        problems = self.accel.problems(self.family)
+        if self.accel.group_offload != "none" and self.offload != "none":
+            problems.append(f"`accel.group_offload` and `offload` both move weights; choose one, "
+                            f"got {self.accel.group_offload!r} and {self.offload!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")
@@ -297,6 +310,7 @@ class Shot(_Strict):
     transition: Transition = Transition()
     seed: int | None = Field(None, ge=0, lt=2**63)
     model: ModelSpec | None = Field(None, description="this shot's model; the loader merges it")
+    qc: QcPolicy | None = Field(None, description="this shot's quality policy (replaces the film's)")
 
     @field_validator("frames")
     @classmethod
@@ -355,6 +369,7 @@ class Film(_Strict):
     scenes: tuple[Scene, ...] = Field(..., min_length=1)
     audio: str | None = None
     output: Output = Output()
+    qc: QcPolicy | None = Field(None, description="quality policy for every shot (see schemas.qc)")
 
     @field_validator("fps", mode="before")
     @classmethod
@@ -387,6 +402,9 @@ class Film(_Strict):
 
     def model_for(self, shot: Shot) -> AnimaticModel | DiffusersModel:
         return shot.model or self.model
+
+    def qc_for(self, shot: Shot) -> QcPolicy | None:
+        return shot.qc or self.qc
 
     @property
     def width(self) -> int:

@@ -26,6 +26,8 @@ __all__ = [
 ]
 
 MANIFEST_VERSION = 1
+# Columns added with quality control; a manifest without them reads back with nulls.
+QC_COLUMNS = frozenset({"identity_score", "continuity_score", "take", "takes", "qc_flag", "scores"})
 ChunkStatus = Literal["planned", "running", "done", "cached", "failed"]
 
 MANIFEST_SCHEMA = pa.schema(
@@ -56,6 +58,13 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("checksum", pa.string()),
         pa.field("seam_score", pa.float64()),
         pa.field("error", pa.string()),
+        # Quality control (render.scores, schemas.qc): filled from the worker's reply.
+        pa.field("identity_score", pa.float64()),
+        pa.field("continuity_score", pa.float64()),
+        pa.field("take", pa.int32()),
+        pa.field("takes", pa.int32()),
+        pa.field("qc_flag", pa.string()),
+        pa.field("scores", pa.string()),
     ],
     metadata={b"reelfarm.manifest_version": str(MANIFEST_VERSION).encode()},
 )
@@ -92,6 +101,12 @@ class ManifestRow(BaseModel):
     checksum: str | None = None
     seam_score: float | None = None
     error: str | None = None
+    identity_score: float | None = None  # lowest character's mean identity score, 0..1
+    continuity_score: float | None = None  # lowest character's frame-to-frame similarity
+    take: int | None = None  # the take the chunk's key committed (1-based)
+    takes: int | None = None  # takes rendered for this chunk
+    qc_flag: str | None = None  # why the committed take misses the qc policy; None passes
+    scores: str | None = None  # JSON: sampled frames, per-character scores, takes and why
 
 
 def plan_rows(plan: RenderPlan, run_id: str) -> list[ManifestRow]:
@@ -108,6 +123,8 @@ def plan_rows(plan: RenderPlan, run_id: str) -> list[ManifestRow]:
                 model_id=model_id, est_gpu_s=c.est_gpu_s, status="planned", attempts=0,
                 worker=None, node=None, started_at=None, finished_at=None, render_s=None,
                 output_url=None, checksum=None, seam_score=None, error=None,
+                identity_score=None, continuity_score=None, take=None, takes=None,
+                qc_flag=None, scores=None,
             ))
     return rows
 
@@ -126,6 +143,9 @@ def table_to_rows(table: pa.Table) -> list[ManifestRow]:
     """Read rows back (e.g. for resume). Unknown columns are refused."""
     names = set(table.column_names)
     expected = {f.name for f in MANIFEST_SCHEMA}
+    for name in sorted((expected - names) & QC_COLUMNS):  # a manifest written before qc
+        table = table.append_column(MANIFEST_SCHEMA.field(name), pa.nulls(len(table), MANIFEST_SCHEMA.field(name).type))
+        names.add(name)
     if names != expected:
         missing, extra = sorted(expected - names), sorted(names - expected)
         raise ValueError(f"manifest columns differ: missing {missing}, unexpected {extra}")

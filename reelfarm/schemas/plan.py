@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from reelfarm.errors import PlanError
 from reelfarm.schemas.film import Camera, FrameRate, ModelSpec, Transition
+from reelfarm.schemas.qc import QcPolicy
 
 __all__ = ["ChunkPlan", "RenderPlan", "ShotPlan", "check_plan", "ordered_chunks", "safe_id"]
 
@@ -62,6 +63,7 @@ class ShotPlan(_Frozen):
     seed: int
     chunks: tuple[ChunkPlan, ...]
     est_gpu_s: float
+    qc: QcPolicy | None = None  # scoring and retakes (schemas.qc); read by the worker
 
     @property
     def duration_s(self) -> float:
