@@ -33,6 +33,7 @@ from reelfarm.errors import (
 from reelfarm.render.identity import IdentityBundle
 from reelfarm.schemas.film import AnimaticModel, DiffusersModel
 from reelfarm.schemas.plan import ChunkPlan, ShotPlan
+from reelfarm.schemas.qc import qc_reasons, take_key, take_seed
 
 __all__ = ["ChunkWorker", "RenderReply", "load_key"]
 
@@ -58,6 +59,11 @@ class RenderReply:
     render_s: float
     loaded: bool  # this call loaded the model
     timings: dict[str, float] = field(default_factory=dict)
+    take: int = 1  # the take committed under the chunk's key (schemas.qc)
+    takes: int = 1  # takes rendered for this chunk
+    # Manifest columns this chunk fills (identity_score, continuity_score, take, takes,
+    # qc_flag, scores); the same dict is in the chunk's sidecar under "qc".
+    qc: dict[str, Any] = field(default_factory=dict)
 
 
 def _decode_reference(data: bytes) -> np.ndarray:
@@ -162,8 +168,76 @@ class ChunkWorker:
             raise DependencyUnreadable(f"{chunk.name}: cannot continue from {chunk.depends_on}: {e}",
                                        str(chunk.depends_on)) from None
         t2 = time.perf_counter()
+        # The take loop (schemas.qc): render, score, and while the take misses the shot's
+        # qc policy and takes remain, render again with the next take's seed. A missed take
+        # is committed under its own take key (it stays in storage); the chunk's own key
+        # commits the best take. Kept inside the worker so the scheduler and the farm see one
+        # chunk whatever its takes (and a policy every take meets renders nothing extra).
+        policy = shot.qc
+        allowed = policy.takes if policy is not None else 1
+        bundles = dict(zip(names, identities, strict=True))
+        history: list[dict[str, Any]] = []
+        best: tuple[tuple[bool, float, float], int, Any, Any, list[str]] | None = None
+        render_s = 0.0
+        for take in range(1, allowed + 1):
+            seed = take_seed(chunk.seed, take)
+            take_chunk = chunk if take == 1 else chunk.model_copy(update={"seed": seed})
+            ts = time.perf_counter()
+            out = self._render_take(shot, take_chunk, bundles, condition)
+            render_s += time.perf_counter() - ts
+            scores = self._score(shot, chunk, out, bundles, condition)
+            identity = scores.identity(policy.metric if policy is not None else "region")
+            reasons = qc_reasons(policy, identity, scores.seam)
+            entry: dict[str, Any] = {"take": take, "seed": seed, "identity": identity, "seam": scores.seam,
+                                     "reasons": reasons, "scores": scores.to_doc(), "key": None}
+            history.append(entry)
+            rank = (not reasons, identity if identity is not None else 0.0,
+                    -(scores.seam if scores.seam is not None else 0.0))
+            if best is None or rank > best[0]:
+                best = (rank, take, out, scores, reasons)
+            if not reasons:
+                break
+            if allowed > 1:  # every missed take stays in storage under its own key
+                entry["key"] = take_key(chunk.key, take)
+                store.write_chunk(entry["key"], out, meta={**out.meta, "chunk": chunk.name, "take": take,
+                                                           "seed": seed, "run_id": run_id, "qc": entry})
+        assert best is not None
+        _, take, out, scores, reasons = best
+        t3 = time.perf_counter()
+        if self.chunk_delay_s:
+            time.sleep(max(0.0, self.chunk_delay_s - (t3 - t0)))
+        metric = policy.metric if policy is not None else "region"
+        qc = {
+            "identity_score": scores.identity(metric),
+            "continuity_score": scores.continuity_score(),
+            "take": take,
+            "takes": len(history),
+            "qc_flag": "; ".join(reasons) or None,
+            "scores": json.dumps({"metric": metric, "take": take, **scores.to_doc(),
+                                  "takes": [{k: v for k, v in h.items() if k != "scores"} for h in history]},
+                                 sort_keys=True),
+        }
+        meta = {
+            **out.meta,
+            "chunk": chunk.name, "key": chunk.key, "seed": take_seed(chunk.seed, take), "run_id": run_id,
+            "attempt": attempt, "worker": self.worker_id, "node": self.node, "pid": os.getpid(),
+            "device": self.device, "low_memory": self._low_memory,
+            "timings": {"load_s": t1 - t0, "condition_s": t2 - t1, "render_s": render_s,
+                        "takes_s": t3 - t2},
+            "qc": qc,
+        }
+        record = store.write_chunk(chunk.key, out, meta=meta)
+        t4 = time.perf_counter()
+        return RenderReply(record=record, worker=self.worker_id, node=self.node, pid=os.getpid(),
+                           render_s=t4 - t0, loaded=loaded,
+                           timings={"load_s": t1 - t0, "render_s": render_s, "write_s": t4 - t3},
+                           take=take, takes=len(history), qc=qc)
+
+    def _render_take(self, shot: ShotPlan, chunk: ChunkPlan, bundles: dict[str, IdentityBundle],
+                     condition: Any) -> Any:
+        """One backend call, its failures classified (and pickle-safe)."""
         try:
-            out = self._backend(shot, chunk, dict(zip(names, identities, strict=True)), condition)
+            return self._backend(shot, chunk, bundles, condition)
         except FarmError:
             raise
         except Exception as e:  # noqa: BLE001 - classify, keep the message, pickle-safe
@@ -173,21 +247,20 @@ class ChunkWorker:
                 raise GpuOutOfMemory(f"{chunk.name}: out of memory on {self.worker_id}: {e}") from None
             tb = traceback.format_exc(limit=3)
             raise RenderError(f"{chunk.name}: {type(e).__name__}: {e}\n{tb}") from None
-        t3 = time.perf_counter()
-        if self.chunk_delay_s:
-            time.sleep(max(0.0, self.chunk_delay_s - (t3 - t0)))
-        meta = {
-            **out.meta,
-            "chunk": chunk.name, "key": chunk.key, "seed": chunk.seed, "run_id": run_id,
-            "attempt": attempt, "worker": self.worker_id, "node": self.node, "pid": os.getpid(),
-            "device": self.device, "low_memory": self._low_memory,
-            "timings": {"load_s": t1 - t0, "condition_s": t2 - t1, "render_s": t3 - t2},
-        }
-        record = store.write_chunk(chunk.key, out, meta=meta)
-        t4 = time.perf_counter()
-        return RenderReply(record=record, worker=self.worker_id, node=self.node, pid=os.getpid(),
-                           render_s=t4 - t0, loaded=loaded,
-                           timings={"load_s": t1 - t0, "render_s": t3 - t2, "write_s": t4 - t3})
+
+    def _score(self, shot: ShotPlan, chunk: ChunkPlan, out: Any, bundles: dict[str, IdentityBundle],
+               condition: Any) -> Any:
+        """Identity, continuity and seam scores of one take (render.scores)."""
+        from reelfarm.render.scores import load_embedder, score_chunk
+
+        policy = shot.qc
+        try:
+            embedder = (load_embedder(policy.embedding_model, self.device)
+                        if policy is not None and policy.embedding_model else None)
+        except Exception as e:  # noqa: BLE001 - a wrong path is the spec's fault: say which
+            raise BackendError(f"{chunk.name}: `qc.embedding_model` {policy.embedding_model!r} "  # type: ignore[union-attr]
+                               f"cannot be loaded: {type(e).__name__}: {e}") from None
+        return score_chunk(shot, chunk, out.frames, bundles, policy, condition=condition, embedder=embedder)
 
     def _condition(self, shot: ShotPlan, chunk: ChunkPlan, store: ChunkStore):
         """The previous chunk's tail, read from storage, for a chained chunk."""

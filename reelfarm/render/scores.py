@@ -325,7 +325,7 @@ def score_chunk(shot: ShotPlan, chunk: ChunkPlan, frames: np.ndarray, identities
     count = policy.sample_frames if policy is not None else 4
     local = sample_frames(chunk, count)
     shot_frames = [chunk.frame_start + i for i in local]
-    regions = character_regions(shot, identities, shot_frames)
+    regions = character_regions(shot, identities, shot_frames) if shot.characters else {}
     region: dict[str, list[float | None]] = {}
     embedding: dict[str, list[float | None]] | None = {} if embedder is not None else None
     continuity: dict[str, float | None] = {}
