@@ -52,11 +52,13 @@ def watch(pid: int) -> list[int]:
         driver = psutil.Process(pid)
     except psutil.Error:
         return []
+    me = os.getpid()  # this watchdog is the driver's child too: never its own victim
     known: dict[int, psutil.Process] = {}
     while _alive(driver):
         try:
             for child in driver.children(recursive=True):
-                known.setdefault(child.pid, child)
+                if child.pid != me:
+                    known.setdefault(child.pid, child)
         except psutil.Error:
             pass
         time.sleep(POLL_S)
@@ -67,7 +69,7 @@ def watch(pid: int) -> list[int]:
             continue
         left.append(proc)
         try:
-            left += [c for c in proc.children(recursive=True) if c.pid not in known]
+            left += [c for c in proc.children(recursive=True) if c.pid not in known and c.pid != me]
         except psutil.Error:
             pass
     for proc in left:
