@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         manifest_flush_s: how often the manifest is rewritten while chunks finish.
         chunk_delay_s: a throttle that makes every chunk take at least this long; for
             demos and failure drills (like Flamenco's sleep jobs). 0 in production.
+        lease_ttl_s: life of a chunk's lease (one writer per chunk); a run renews the leases
+            of its chunks in flight every third of it, and a lease not renewed for this long
+            (its run died) is taken over.
         storage_options: fsspec options for OUT (e.g. an S3 endpoint and keys).
         allowed_read_roots: folders and URL prefixes (``s3://studio-refs/``,
             ``https://cdn.example.com/refs/``) a spec may read references, audio and a base
@@ -52,6 +55,7 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(600.0, gt=0.0)
     manifest_flush_s: float = Field(2.0, ge=0.0)
     chunk_delay_s: float = Field(0.0, ge=0.0)
+    lease_ttl_s: float = Field(60.0, gt=1.0)
     # Excluded from dumps: credentials never become Prefect flow parameters (stored in its DB).
     storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
     allowed_read_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)

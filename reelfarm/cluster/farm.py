@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,15 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from reelfarm import events
+from reelfarm.cluster.lease import Leases
 from reelfarm.cluster.manifest import ManifestWriter, utcnow
 from reelfarm.cluster.runtime import connect, node_slots
 from reelfarm.cluster.scheduler import (
+    ChunkCommitted,
     ChunkDone,
     ChunkFailed,
+    ChunkHeld,
+    ChunkReleased,
     Fail,
     Job,
     Kill,
@@ -50,6 +55,7 @@ __all__ = ["Farm", "FarmStats", "RenderSummary"]
 logger = logging.getLogger(__name__)
 _RemoteWorker = ray.remote(ChunkWorker)
 NODE_SYNC_S = 5.0  # how often the cluster's nodes are read again during a render
+HELD_POLL_S = 1.0  # how often chunks another run holds are looked at
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
          ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
 
@@ -322,6 +328,7 @@ class Farm:
             try:
                 run.loop()
             except BaseException:
+                run.release_all()
                 # Interrupted (Ctrl-C) or broken: nothing may stay marked running, and the
                 # committed chunks are kept; `reelfarm resume OUT` renders the rest.
                 for row in manifest.rows:
@@ -371,6 +378,10 @@ class _Run:
         self.refs: dict[str, deque] = {}  # worker id -> refs of its queued chunks, head running
         self.by_id: dict[str, _Worker] = {}
         self._running: dict[str, str] = {}  # worker -> key it runs, as last announced
+        # One writer per chunk (scheduler rule 7): a lease per chunk sent, renewed while in flight.
+        ttl = farm.settings.lease_ttl_s
+        self.leases = Leases(farm.store, f"{manifest.run_id}/{uuid.uuid4().hex[:8]}", ttl_s=ttl)
+        self._renew_s = ttl / 3
 
     def loop(self) -> None:
         farm, sched = self.farm, self.sched
@@ -378,12 +389,15 @@ class _Run:
         for w in farm._alive():
             self._apply(sched.on(WorkerReady(w.wid, w.node_id, holds=w.model)))
         self._sync_nodes()
-        last_flush = last_sync = time.monotonic()
+        last_flush = last_sync = last_renew = last_held = time.monotonic()
         while not sched.finished:
             inflight = {q[0]: wid for wid, q in self.refs.items() if q and self.by_id[wid].alive}
             if not inflight:
                 if not sched.alive():
                     break  # the scheduler failed what was left
+                if sched.held:  # everything left is another run's: wait for it
+                    time.sleep(HELD_POLL_S)
+                    self._check_held()
                 self._apply(sched.on(Tick()))
                 continue
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
@@ -391,12 +405,50 @@ class _Run:
                 self._collect(inflight[ref], ref)
             self._apply(sched.on(Tick()))
             now = time.monotonic()
+            if now - last_renew >= self._renew_s:
+                self._renew()
+                last_renew = now
+            if sched.held and now - last_held >= HELD_POLL_S:
+                self._check_held()
+                last_held = now
             if now - last_sync >= NODE_SYNC_S:
                 self._sync_nodes()
                 last_sync = now
             if now - last_flush >= farm.settings.manifest_flush_s:
                 self.manifest.flush()
                 last_flush = now
+
+    # --- leases ---------------------------------------------------------------------------
+    def _in_flight(self) -> list[str]:
+        return [t.job.key for w in self.sched.workers.values() if w.alive for t in w.queue]
+
+    def _renew(self) -> None:
+        for key in self.leases.renew(self._in_flight()):
+            logger.warning("chunk %s: another run took its lease over (ours lapsed): both may render it", key)
+
+    def _check_held(self) -> None:
+        """Parked chunks: committed by their holder (done), or their lease gone (ready again)."""
+        now = time.time()
+        for key in list(self.sched.held):
+            if self.farm.store.is_complete(key):
+                self._apply(self.sched.on(ChunkCommitted(key)))
+                self._committed_elsewhere(key)
+                continue
+            lease = self.leases.holder_of(key)
+            if lease is None or not lease.live(now):
+                self._apply(self.sched.on(ChunkReleased(key)))
+
+    def _committed_elsewhere(self, key: str) -> None:
+        rec = self.farm.store.record(key)
+        self.summary.cached.append(key)
+        self.manifest.update(key, status="cached", output_url=rec.url if rec else None,
+                             checksum=rec.checksum if rec else None, error=None)
+        self._announce("chunk_cached", key)
+
+    def release_all(self) -> None:
+        """Give up the leases of what is left (an interrupted run): others need not wait them out."""
+        for key in self._in_flight():
+            self.leases.release(key)
 
     def _collect(self, wid: str, ref: Any) -> None:
         """One finished chunk call: success, a chunk failure, or a lost worker."""
@@ -425,6 +477,7 @@ class _Run:
                              checksum=reply.record.checksum, error=None)
         self._announce("chunk_done", key, worker=wid, seconds=round(reply.render_s, 4))
         self._apply(self.sched.on(ChunkDone(wid, key, seconds=reply.render_s)))
+        self.leases.release(key)
 
     def _head_key(self, wid: str) -> str:
         return self.sched.running()[wid]
@@ -459,7 +512,7 @@ class _Run:
         while pending:
             d = pending.popleft()
             if isinstance(d, Submit):
-                self._submit(d)
+                pending.extend(self._submit(d))
             elif isinstance(d, Spawn):
                 w = self.farm._spawn(d.node, gpu=d.gpu)
                 pending.extend(self.sched.on(WorkerReady(w.wid, w.node_id)))
@@ -474,6 +527,7 @@ class _Run:
                 self.manifest.update(d.key, status="failed", error=d.error[:2000], attempts=d.attempts,
                                      finished_at=utcnow())
                 self._announce("chunk_failed", d.key, error=d.error[:500], attempt=d.attempts)
+                self.leases.release(d.key)
         alive = set(self.sched.alive())
         for wid, w in self.by_id.items():  # workers the scheduler took out are out here too
             if wid not in alive:
@@ -490,7 +544,15 @@ class _Run:
             self.by_id[wid] = next(w for w in self.farm.workers if w.wid == wid)
         return self.by_id[wid]
 
-    def _submit(self, d: Submit) -> None:
+    def _submit(self, d: Submit) -> list:
+        """Send a chunk, once its lease is ours; returns the decisions a parked chunk leads to."""
+        if not self.leases.acquire(d.key):
+            return self.sched.on(ChunkHeld(d.worker, d.key))
+        if self.farm.store.is_complete(d.key):  # committed by another run since we looked
+            self.leases.release(d.key)
+            out = self.sched.on(ChunkHeld(d.worker, d.key)) + self.sched.on(ChunkCommitted(d.key))
+            self._committed_elsewhere(d.key)
+            return out
         w = self._worker(d.worker)
         shot, chunk = self.sched.jobs[d.key].payload
         lk = load_key(shot.model)
@@ -502,3 +564,4 @@ class _Run:
         self.refs.setdefault(d.worker, deque()).append(ref)
         self.manifest.update(d.key, status="running", attempts=d.attempt, worker=w.wid, node=w.node_id,
                              started_at=utcnow())
+        return []

@@ -21,6 +21,9 @@ Rules the scheduler keeps:
    A failed chunk fails its shot (and the chunks that continue from it); other shots go on.
 6. A node whose workers fail ``node_failure_limit`` chunks is blocklisted for the run
    (never the last node that can take work).
+7. One writer per chunk: a chunk whose lease another live run holds is parked (``ChunkHeld``)
+   until that run commits it (``ChunkCommitted``: done here, not rendered) or lets the lease
+   go (``ChunkReleased``: ready again). The adapter takes the leases (cluster/lease.py).
 
 The same class drives the Ray farm (:mod:`reelfarm.cluster.farm` turns Ray futures into
 events and decisions into actor calls) and a simulator (a discrete-event clock). Time
@@ -46,8 +49,11 @@ from reelfarm.errors import BackendError, ChunkTimeout, DependencyUnreadable, Fa
 from reelfarm.errors import WorkerLost as WorkerLostError
 
 __all__ = [
+    "ChunkCommitted",
     "ChunkDone",
     "ChunkFailed",
+    "ChunkHeld",
+    "ChunkReleased",
     "Decision",
     "Event",
     "Fail",
@@ -182,11 +188,35 @@ class WorkerDown:
 
 
 @dataclass(frozen=True)
+class ChunkHeld:
+    """``key`` was just submitted to ``worker`` but another live run holds its lease: the
+    adapter did not send it. The chunk is parked until committed or released."""
+
+    worker: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ChunkCommitted:
+    """A parked chunk was committed by the run holding its lease: done here, not rendered."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class ChunkReleased:
+    """A parked chunk's lease was given up or lapsed uncommitted: ready again."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: check running chunks against their time limits."""
 
 
-Event = NodeUp | NodeDown | WorkerReady | ChunkDone | ChunkFailed | WorkerDown | Tick
+Event = (NodeUp | NodeDown | WorkerReady | ChunkDone | ChunkFailed | WorkerDown | ChunkHeld | ChunkCommitted
+         | ChunkReleased | Tick)
 
 
 # --- decisions out ------------------------------------------------------------------------
@@ -302,6 +332,8 @@ class Scheduler:
         self.failed: dict[str, str] = {}
         self.failed_shots: dict[str, str] = {}
         self.rerendered: set[str] = set()
+        self.held: dict[str, _Task] = {}  # parked: another run holds the lease (rule 7)
+        self.elsewhere: list[str] = []  # committed by another run while parked here
         self.retries = 0
         self.workers: dict[str, _Worker] = {}
         self.nodes: dict[str, tuple[int, bool]] = {}  # node -> (slots, gpu)
@@ -435,6 +467,36 @@ class Scheduler:
         self._lose(w, cause=WorkerLostError(f"{w.wid}: {e.reason}" if e.reason else w.wid))
         self._node_failed(w.node)
         self._fill_slots()
+
+    def _on_ChunkHeld(self, e: ChunkHeld) -> None:  # noqa: N802
+        w = self.workers.get(e.worker)
+        task = next((t for t in (w.queue if w else ()) if t.job.key == e.key), None)
+        if w is None or task is None:
+            return
+        was_head = w.queue[0] is task
+        w.queue.remove(task)
+        task.attempts -= 1  # never sent
+        if w.alive:
+            self._n_queued -= 1
+            self._hungry.add(w.wid)
+        if was_head:
+            w.head_since = self.clock()
+        self.held[e.key] = task
+
+    def _on_ChunkCommitted(self, e: ChunkCommitted) -> None:  # noqa: N802
+        task = self.held.pop(e.key, None)
+        if task is None:
+            return
+        self.done.add(e.key)
+        self.elsewhere.append(e.key)
+        self.remaining -= 1
+        for dep in self._waiting.pop(e.key, []):
+            self._make_ready(dep)
+
+    def _on_ChunkReleased(self, e: ChunkReleased) -> None:  # noqa: N802
+        task = self.held.pop(e.key, None)
+        if task is not None:
+            self._make_ready(task)
 
     def _on_Tick(self, e: Tick) -> None:  # noqa: N802
         now = self.clock()
@@ -743,7 +805,7 @@ class Scheduler:
             for heap in heaps:
                 for _, _, task in sorted(heap, key=lambda item: item[:2]):
                     self._fail(task, "no worker left: every node is lost or blocklisted")
-        elif self._n_ready or self._n_queued:
+        elif self._n_ready or self._n_queued or self.held:
             return
         for key in list(self._waiting):
             for t in self._waiting.pop(key, []):

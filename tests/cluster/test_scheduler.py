@@ -277,3 +277,29 @@ def test_chain_estimates():
 
 def test_timeout_is_a_retryable_class():
     assert ChunkTimeout.retryable
+
+
+def test_rule7_a_chunk_another_run_holds_is_parked_then_done_without_rendering():
+    from reelfarm.cluster.scheduler import ChunkCommitted, ChunkHeld
+
+    s, out = start([*chain("s", 2), single("x")], workers=("w1",))
+    assert submits(out) == [("s0", "w1")]
+    out = s.on(ChunkHeld("w1", "s0"))  # another run holds s0's lease
+    assert submits(out) == [("x", "w1")] and "s0" in s.held and not s.finished
+    s.on(ChunkDone("w1", "x"))
+    assert not s.finished and s.running() == {}  # s1 waits on the parked s0
+    out = s.on(ChunkCommitted("s0"))  # the other run committed it
+    assert submits(out) == [("s1", "w1")] and s.elsewhere == ["s0"]
+    s.on(ChunkDone("w1", "s1"))
+    assert s.finished and sorted(s.rendered) == ["s1", "x"] and not s.failed
+
+
+def test_rule7_a_released_lease_makes_the_chunk_ready_again_with_its_attempts_untouched():
+    from reelfarm.cluster.scheduler import ChunkHeld, ChunkReleased
+
+    s, out = start([single("a")], workers=("w1",))
+    s.on(ChunkHeld("w1", "a"))
+    assert s.running() == {} and not s.finished
+    out = s.on(ChunkReleased("a"))  # the holder's lease lapsed uncommitted
+    sent = [d for d in out if isinstance(d, Submit)]
+    assert [(d.key, d.attempt) for d in sent] == [("a", 1)]
