@@ -58,13 +58,13 @@ def test_racing_writers_exactly_one_wins(store):
         barrier = threading.Barrier(4)
         won: list[str] = []
 
-        def take(name: str, key: str = key) -> None:
+        def take(name: str, key: str, barrier: threading.Barrier, won: list[str]) -> None:
             leases = Leases(store, name, ttl_s=30)
             barrier.wait()
             if leases.acquire(key):
                 won.append(name)
 
-        threads = [threading.Thread(target=take, args=(f"run-{i}",)) for i in range(4)]
+        threads = [threading.Thread(target=take, args=(f"run-{i}", key, barrier, won)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
