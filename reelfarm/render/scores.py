@@ -136,8 +136,23 @@ def _square(image: np.ndarray, size: int = CROP) -> torch.Tensor:
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
+_REF_CROPS: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def reference_crop(bundle: IdentityBundle, size: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference cut-out cropped to its figure: ``(3 x s x s colour 0..255, s x s alpha 0..1)``."""
+    """The reference cut-out cropped to its figure: ``(3 x s x s colour 0..255, s x s alpha 0..1)``.
+
+    Memoised per bundle key (the key hashes the reference), a few dozen at most per run.
+    """
+    memo = (bundle.key, size)
+    if memo not in _REF_CROPS:
+        if len(_REF_CROPS) > 256:
+            _REF_CROPS.clear()
+        _REF_CROPS[memo] = _reference_crop(bundle, size)
+    return _REF_CROPS[memo]
+
+
+def _reference_crop(bundle: IdentityBundle, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     rgba = bundle.tensors["reference_rgba"]
     rgba = rgba.numpy() if isinstance(rgba, torch.Tensor) else np.asarray(rgba)
     rows = np.flatnonzero(rgba[..., 3].max(axis=1) > 8)
