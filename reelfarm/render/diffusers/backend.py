@@ -126,10 +126,28 @@ class DiffusersBackend:
         self.precompute = precompute
         self.offload = offload
         self.vae_tiling = False
+        self.accel: dict[str, Any] = {}
+        self.fit: Any = None  # the memory settings chosen for the last chunk (render/memory.py)
         self._runner: FamilyRunner | None = runner_class(model.family)(pipe, model, device)
         self._runner.check_pipeline()
+        self._runner.decode_chunk = model.accel.decode_chunk
         if model.vae_tiling:
             self.vae_tiling = self._runner.enable_vae_tiling()
+
+    @staticmethod
+    def _place(pipe: Any, model: DiffusersModel, device: str) -> tuple[str, dict[str, Any]]:
+        """Apply ``model.accel`` (refusing what this worker cannot do), then place ``pipe``."""
+        from reelfarm.render.accel import apply_accel, compile_blocks
+        from reelfarm.render.diffusers.loading import place_pipeline
+
+        done = apply_accel(pipe, model, device, steps=model.steps or model.rule().default_steps)
+        if "group_offload" in done:
+            offload = "group"
+        else:
+            offload = place_pipeline(pipe, model, device, offload=model.offload)
+        if compile_blocks(pipe, model):
+            done["compile"] = True
+        return offload, done
 
     # --- loading ---------------------------------------------------------------------
     @classmethod
@@ -145,28 +163,30 @@ class DiffusersBackend:
         Raises:
             BackendError: not a diffusers model, unreachable, or not of its family.
         """
-        from reelfarm.render.diffusers.loading import load_pipeline, place_pipeline
+        from reelfarm.render.diffusers.loading import load_pipeline
 
         if model.backend != "diffusers":
             raise BackendError(f"the diffusers backend cannot load `backend` {model.backend!r}")
         runner = runner_class(model.family)
         pipe = load_pipeline(model, runner.pipeline_class())
-        offload = place_pipeline(pipe, model, device, offload=model.offload)
-        return cls(pipe, model, device=device, precompute=precompute, offload=offload)
+        offload, done = cls._place(pipe, model, device)
+        be = cls(pipe, model, device=device, precompute=precompute, offload=offload)
+        be.accel = done
+        return be
 
     @classmethod
     def from_pipeline(
         cls, pipe: Any, model: DiffusersModel, *, device: str = "cpu", precompute: bool = True
     ) -> DiffusersBackend:
         """Wrap a pipeline built in memory (benchmarks with random weights), sharing its parts."""
-        from reelfarm.render.diffusers.loading import place_pipeline
-
         target = runner_class(model.family).pipeline_class()
         if not isinstance(pipe, target):
             pipe = target.from_pipe(pipe)
         pipe.set_progress_bar_config(disable=True)
-        offload = place_pipeline(pipe, model, device, offload=model.offload)
-        return cls(pipe, model, device=device, precompute=precompute, offload=offload)
+        offload, done = cls._place(pipe, model, device)
+        be = cls(pipe, model, device=device, precompute=precompute, offload=offload)
+        be.accel = done
+        return be
 
     @property
     def pipe(self) -> Any:
@@ -237,6 +257,7 @@ class DiffusersBackend:
         try:
             with torch.inference_mode():
                 job, start = self._job(shot, chunk, identities, condition, model)
+                self._prepare_accel(job)
                 t1 = time.perf_counter()
                 # 3. Sample to latents; the noise comes from a CPU generator seeded per chunk
                 generator = torch.Generator("cpu").manual_seed(chunk.seed)
@@ -270,7 +291,8 @@ class DiffusersBackend:
             "seed": chunk.seed, "steps": job.steps, "guidance_scale": job.guidance_scale,
             "num_frames": chunk.num_frames, "width": shot.width, "height": shot.height,
             "start": start, "precompute": self.precompute, "offload": self.offload,
-            "vae_tiling": self.vae_tiling, "versions": _versions(),
+            "vae_tiling": self.vae_tiling, "versions": _versions(), "accel": dict(self.accel),
+            "fit": None if self.fit is None else vars(self.fit),
             # prepare: checks, start image, identity; sample: the encoders the memo did not
             # hold, then the denoising loop; decode: the VAE.
             "stage_s": {"prepare": t1 - t0, "sample": t2 - t1, "decode": t3 - t2},
@@ -283,7 +305,7 @@ class DiffusersBackend:
         """The shot's model (steps, guidance...) after checking it is the loaded one."""
         model = shot.model
         loaded = self.model
-        same = ("family", "id", "revision", "dtype")
+        same = ("family", "id", "revision", "dtype", "accel")
         if model.backend != "diffusers" or any(
             getattr(model, k) != getattr(loaded, k) for k in same
         ):
@@ -434,6 +456,50 @@ class DiffusersBackend:
                     "chunk %s: out of memory decoding; retrying with VAE tiling", chunk.name
                 )
         raise GpuOutOfMemory(f"chunk {chunk.name!r}: out of memory while decoding on {self.device}")
+
+    def _prepare_accel(self, job: SampleJob) -> None:
+        """Per chunk: the cache hook for this step count, fresh; settings that fit the GPU."""
+        from reelfarm.render.accel import denoiser, enable_cache
+
+        runner = self._live()
+        cache = self.model.accel.cache
+        if cache is not None:
+            den = denoiser(runner.pipe)
+            if cache.kind == "mag" and getattr(den, "_reelfarm_cache_steps", None) != job.steps:
+                enable_cache(runner.pipe, self.model, job.steps)  # its schedule has the steps
+            den._reset_stateful_cache()
+        if self.device.startswith("cuda"):
+            self.fit_to_gpu(job.width, job.height, job.num_frames)
+
+    def fit_to_gpu(self, width: int, height: int, frames: int, gpu_gib: float | None = None) -> Any:
+        """Choose, before sampling, the settings under which this chunk fits the GPU
+        (render/memory.py), instead of learning from an out-of-memory error. Offload only
+        ever escalates; tiling and decode chunk are set for this chunk."""
+        from reelfarm.render.memory import GIB, choose_fit
+
+        runner = self._live()
+        if gpu_gib is None:
+            import torch
+
+            gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / GIB
+        fit = choose_fit(self.model, width, height, frames, gpu_gib)
+        self.fit = fit
+        if fit is None:  # the planner refuses these; render and let an OOM say so
+            logger.warning("%s: a %dx%dx%d chunk fits no settings on a %.0f GiB GPU",
+                           self.model.id, width, height, frames, gpu_gib)
+            return None
+        order = ["none", "model", "group", "sequential"]
+        if order.index(fit.offload) > order.index(self.offload if self.offload in order else "none"):
+            if fit.offload == "model" and self.device.startswith("cuda"):
+                runner.pipe.enable_model_cpu_offload(device=self.device)
+                self.offload = "model"
+            elif fit.offload in ("group", "sequential") and self.device.startswith("cuda"):
+                runner.pipe.enable_sequential_cpu_offload(device=self.device)
+                self.offload = "sequential"
+        if fit.vae_tiling and not self.vae_tiling:
+            self.vae_tiling = runner.enable_vae_tiling()
+        runner.decode_chunk = fit.decode_chunk
+        return fit
 
     # --- memory ----------------------------------------------------------------------
     def clear_cache(self) -> None:

@@ -115,6 +115,7 @@ class FamilyRunner:
         self.device = device
         self.memo = Memo()
         self.low_memory = False
+        self.decode_chunk: int | None = None  # frames per VAE decode, where the family has it
 
     # --- loading ---------------------------------------------------------------------
     @classmethod

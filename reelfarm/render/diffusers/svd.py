@@ -120,6 +120,8 @@ class SVDRunner(FamilyRunner):
 
     def decode(self, latents: Any, job: SampleJob, generator: torch.Generator) -> np.ndarray:
         pipe = self.pipe
-        chunk = LOW_MEMORY_DECODE_FRAMES if self.low_memory else job.num_frames
+        chunk = self.decode_chunk or job.num_frames
+        if self.low_memory:
+            chunk = min(chunk, LOW_MEMORY_DECODE_FRAMES)
         video = pipe.decode_latents(latents, job.num_frames, chunk)
         return to_uint8(pipe.video_processor.postprocess_video(video, output_type="np")[0])
