@@ -31,6 +31,7 @@ __all__ = [
     "WorkerUsage",
     "chunk_spans",
     "gpu_seconds_chart",
+    "identity_chart",
     "seam_points",
     "seams_chart",
     "shot_spans",
@@ -39,7 +40,7 @@ __all__ = [
     "write_charts",
 ]
 
-CHARTS = ("timeline", "gpu", "seams")  # the names write_charts gives its PNGs
+CHARTS = ("timeline", "gpu", "seams", "identity")  # the names write_charts gives its PNGs
 DPI = 120
 WIDTH_IN = 10.0
 INK, MUTED, GRID = "#222222", "#777777", "#e6e6e6"
@@ -329,6 +330,46 @@ def seams_chart(plan: RenderPlan, points: Sequence[SeamPoint]) -> bytes:
     return _png(fig)
 
 
+def identity_chart(plan: RenderPlan, qc: Mapping[str, Any]) -> bytes:
+    """Identity against time, one small plot per shot with one line per character; the
+    shot's ``qc.min_identity`` dashed, and shots delivered below it titled in red.
+
+    Args:
+        plan: the film's plan.
+        qc: shot id -> :class:`reelfarm.render.quality.ShotQc`.
+    """
+    shots = [s for s in plan.shots if qc.get(s.shot_id) is not None and qc[s.shot_id].series]
+    cols = min(3, max(len(shots), 1))
+    rows = max(1, math.ceil(len(shots) / cols))
+    fig = _figure(1.9 * rows + 0.3)
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    names = sorted({n for s in shots for n in qc[s.shot_id].series})
+    colour = {n: cmap(i % 10) for i, n in enumerate(names)}
+    for k, s in enumerate(shots):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        _style(ax)
+        q = qc[s.shot_id]
+        fps = float(s.fps)
+        for name, line in q.series.items():
+            ax.plot([f / fps for f, _ in line], [v for _, v in line], marker="o", markersize=3, linewidth=1.4,
+                    color=colour[name], label=name)
+        floor = getattr(s.qc, "min_identity", None) if getattr(s, "qc", None) is not None else None
+        if floor is not None:
+            ax.axhline(floor, color=BAD, linestyle="--", linewidth=1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlim(0, max(s.frames - 1, 1) / fps)
+        ax.grid(axis="y", color=GRID)
+        ax.set_title(s.shot_id + (" (flagged)" if q.flagged else ""), fontsize=9,
+                     color=BAD if q.flagged else INK)
+        ax.legend(loc="lower left", fontsize=7, frameon=False, ncols=3)
+        if k % cols == 0:
+            ax.set_ylabel(f"identity ({q.metric})", fontsize=8, color=MUTED)
+        ax.set_xlabel("shot time (s)", fontsize=8, color=MUTED)
+    return _png(fig)
+
+
 def write_charts(plan: RenderPlan, manifest: pa.Table | None, actual: Mapping[str, float | None],
                  seam_scores: Mapping[str, Sequence[float]]) -> dict[str, bytes]:
     """Draw every chart that has data. Returns chart name (see :data:`CHARTS`) -> PNG bytes."""
@@ -340,4 +381,9 @@ def write_charts(plan: RenderPlan, manifest: pa.Table | None, actual: Mapping[st
     points = seam_points(plan, seam_scores)
     if points:
         charts["seams"] = seams_chart(plan, points)
+    from reelfarm.render.quality import shot_qc
+
+    qc = shot_qc(plan, manifest)
+    if any(q.series for q in qc.values()):
+        charts["identity"] = identity_chart(plan, qc)
     return charts

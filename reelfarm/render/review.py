@@ -243,6 +243,7 @@ def render_report(
     out += _shot_cards(plan, media, points)
     out += _shots_section(plan, shot_rows, seams, media, has_manifest=manifest is not None)
     out += _seams_section(points, media)
+    out += _qc_section(plan, manifest, media)
     out += _workers_section(workers, usage, media)
     out += _deliverables_section(methods, dict(probes or {}), media)
     out.append("</main></body></html>")
@@ -363,6 +364,40 @@ def _shots_section(plan: RenderPlan, shot_rows: dict, seams: dict[str, Sequence[
     out.append(f'<tr><th colspan="6">total</th><th class="n">{_num(planned_total)}</th>'
                f'<th class="n">{_num(actual_total if has_manifest else None)}</th>'
                f'<th class="n">{retries_total}</th><th colspan="2"></th></tr></table>')
+    return out
+
+
+def _qc_section(plan: RenderPlan, manifest: pa.Table | None, media: ReportMedia) -> list[str]:
+    """Identity per shot, the takes each chunk needed and why; shots below their policy flagged."""
+    from reelfarm.render.quality import shot_qc
+
+    e = html.escape
+    qc = shot_qc(plan, manifest)
+    if not any(q.chunks for q in qc.values()):
+        return []
+    out = ["<h2>Identity and takes</h2>", *_chart(media, "identity", "identity score against time per shot"),
+           '<table><tr><th>shot</th><th class="n">identity</th><th class="n">takes</th><th>qc</th>'
+           "<th>takes and why</th></tr>"]
+    for s in plan.shots:
+        q = qc[s.shot_id]
+        if not q.chunks:
+            continue
+        takes = sum(c.takes or 1 for c in q.chunks)
+        status = ('<span class="bad">flagged: delivered with its best take</span>' if q.flagged
+                  else '<span class="ok">ok</span>')
+        why = []
+        for c in q.chunks:
+            if (c.takes or 1) <= 1 and not c.flag:
+                continue
+            steps = "; ".join(
+                f"take {t.get('take')}: identity {_num(t.get('identity'), 3)}"
+                + (f" ({e(', '.join(t.get('reasons') or []))})" if t.get("reasons") else " (passed)")
+                for t in c.history)
+            why.append(f"{e(c.chunk_name)}: kept take {c.take} of {c.takes}: {steps}")
+        detail = "<br>".join(why) or '<span class="muted">one take each</span>'
+        out.append(f'<tr><td>{e(s.shot_id)}</td><td class="n">{_num(q.identity, 3)}</td>'
+                   f'<td class="n">{takes}</td><td>{status}</td><td>{detail}</td></tr>')
+    out.append("</table>")
     return out
 
 

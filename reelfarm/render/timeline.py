@@ -73,6 +73,7 @@ def build_timeline(
     *,
     seam_scores: Mapping[str, Sequence[float]] | None = None,
     shot_url: str = "shots/{shot}.mp4",
+    manifest: Any = None,
 ) -> otio.schema.Timeline:
     """The cut as a Timeline: a video track of shot clips and transitions, plus audio if any.
 
@@ -86,7 +87,12 @@ def build_timeline(
         plan: the film's plan.
         seam_scores: shot id -> seam scores, added to metadata and as markers.
         shot_url: target URL pattern of each shot's clip, relative to OUT.
+        manifest: the run's manifest table: each clip's ``metadata["reelfarm"]["qc"]``
+            then holds its identity scores per character over time and its chunks' takes.
     """
+    from reelfarm.render.quality import shot_qc
+
+    qc = shot_qc(plan, manifest) if manifest is not None else {}
     rate = float(plan.fps)
     scores = dict(seam_scores or {})
     tl = otio.schema.Timeline(name=plan.title, global_start_time=_rt(0, rate))
@@ -124,6 +130,8 @@ def build_timeline(
             source_range=_range(head, shot.frames - head - tail, rate),
             metadata={"reelfarm": shot_recipe(shot, scores.get(shot.shot_id))},
         )
+        if shot.shot_id in qc and qc[shot.shot_id].chunks:
+            clip.metadata["reelfarm"]["qc"] = _qc_doc(qc[shot.shot_id])
         chunks = sorted(shot.chunks, key=lambda c: c.index)
         for k, score in enumerate(scores.get(shot.shot_id, [])):
             if k + 1 >= len(chunks):
@@ -145,6 +153,17 @@ def build_timeline(
         ))
         tl.tracks.append(sound)
     return tl
+
+
+def _qc_doc(q: Any) -> dict[str, Any]:
+    """A shot's qc as plain JSON for clip metadata (see render.quality.ShotQc)."""
+    return {
+        **q.report(),
+        "metric": q.metric,
+        "identity_over_time": {name: [[f, round(v, 4)] for f, v in line] for name, line in q.series.items()},
+        "chunks": [{"name": c.chunk_name, "identity": c.identity, "continuity": c.continuity, "take": c.take,
+                    "takes": c.takes, "flag": c.flag} for c in q.chunks],
+    }
 
 
 def write_timeline(timeline: otio.schema.Timeline, path: str) -> None:

@@ -16,8 +16,11 @@ from reelfarm.cluster.store import ChunkStore
 from reelfarm.cluster.worker import ChunkWorker
 from reelfarm.errors import SpecError
 from reelfarm.flows.plan import plan_film
+from reelfarm.render import charts, review, timeline
 from reelfarm.render.identity import identity_key
+from reelfarm.render.quality import shot_qc
 from reelfarm.schemas.loader import load_film
+from reelfarm.schemas.manifest import plan_rows, rows_to_table, table_to_rows
 from reelfarm.schemas.qc import QcPolicy, qc_reasons, take_key, take_seed
 
 HERD = Path(__file__).resolve().parents[2] / "examples" / "the_herd" / "film.yaml"
@@ -169,3 +172,50 @@ def test_no_policy_still_scores_every_chunk(tmp_path):
             assert sorted(doc["region"]) == sorted(shot.characters)
             assert doc["frames"][0] == c.frame_start and doc["frames"][-1] == c.frame_end - 1
             assert qc["take"] == 1 and qc["qc_flag"] is None and qc["continuity_score"] > 0.9
+
+
+def _manifest(plan, replies):
+    """The manifest as the farm leaves it: each done row updated with its reply's qc fields."""
+    rows = plan_rows(plan, "run-qc")
+    for row in rows:
+        reply = replies[row.content_key]
+        row.status = "done"
+        for name, value in reply.qc.items():
+            setattr(row, name, value)
+    return rows_to_table(rows)
+
+
+def test_flagged_shot_in_report_timeline_and_shot_report(tmp_path):
+    # river_020's own policy cannot be met; plain_010 has none (one take, never flagged).
+    plan = plan_film(_film(None, shot_qc=QcPolicy(min_identity=1.0, takes=2)))
+    store = ChunkStore(str(tmp_path / "out"))
+    worker, bundles = _worker(plan, store)
+    table = _manifest(plan, _render_all(worker, plan, store, bundles))
+    assert table_to_rows(table)[0].scores is not None  # the columns round-trip
+    # Per-shot report (what status.json / the CLI would show).
+    qc = shot_qc(plan, table)
+    assert qc["river_020"].flagged and qc["river_020"].retakes == len(plan.shot("river_020").chunks)
+    assert qc["river_020"].report()["qc"] == "flagged"
+    assert qc["plain_010"].report() == {"identity": pytest.approx(qc["plain_010"].identity, abs=1e-4),
+                                        "retakes": 0, "qc": "ok", "qc_flags": []}
+    frames = [f for f, _ in qc["plain_010"].series["buffalo"]]
+    assert frames == sorted(set(frames)) and frames[0] == 0 and frames[-1] == plan.shot("plain_010").frames - 1
+    # The HTML report: the identity chart, the flag and every take with its reason.
+    pngs = charts.write_charts(plan, table, {}, {})
+    assert pngs["identity"].startswith(b"\x89PNG")
+    media = review.ReportMedia(charts={"identity": review.data_uri(pngs["identity"], "image/png")})
+    page = review.render_report(plan, manifest=table, media=media)
+    section = page[page.index("<h2>Identity and takes</h2>"):]
+    assert 'alt="identity score against time per shot"' in section
+    river = section[section.index("<td>river_020</td>"):].split("</tr>")[0]
+    assert "flagged: delivered with its best take" in river
+    assert river.count("kept take 1 of 2") == len(plan.shot("river_020").chunks)
+    assert "take 2: identity" in river and "&lt; `min_identity` 1" in river
+    plain = section[section.index("<td>plain_010</td>"):].split("</tr>")[0]
+    assert '<span class="ok">ok</span>' in plain and "one take each" in plain
+    # The OTIO clip metadata.
+    tl = timeline.build_timeline(plan, manifest=table)
+    clips = {c.name: c.metadata["reelfarm"]["qc"] for c in tl.tracks[0].find_clips()}
+    assert clips["river_020"]["qc"] == "flagged" and clips["plain_010"]["qc"] == "ok"
+    assert [c["takes"] for c in clips["river_020"]["chunks"]] == [2] * len(plan.shot("river_020").chunks)
+    assert set(clips["plain_010"]["identity_over_time"]) == {"buffalo"}
