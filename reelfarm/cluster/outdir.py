@@ -45,12 +45,11 @@ class OutputFolder(Location):
             if probe.startswith(("/proc", "/sys", "/dev")):
                 raise FarmError(f"--out {self.root_url}: {probe} is a kernel file system, not storage")
             return self
+        bucket = self._path().split("/", 1)[0]
         try:
-            bucket = self._path().split("/", 1)[0]
-            if bucket and not self.fs.exists(bucket):
-                raise FarmError(f"--out {self.root_url}: the bucket {bucket!r} does not exist")
-        except FarmError:
-            raise
+            self.fs.ls(bucket, detail=False, refresh=True)  # one LIST: the bucket answers
+        except FileNotFoundError:
+            raise FarmError(f"--out {self.root_url}: the bucket {bucket!r} does not exist") from None
         except Exception as e:  # noqa: BLE001 - credentials, endpoint: say which
             raise FarmError(f"--out {self.root_url}: cannot reach it ({type(e).__name__}: {e})") from None
         return self

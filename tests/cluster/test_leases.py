@@ -3,6 +3,7 @@ renders of one film into one OUT rendering every chunk exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -94,14 +95,18 @@ def test_two_renders_into_one_out_render_each_chunk_once(where, tmp_path, reques
         store = ChunkStore(out, storage_options=bucket["storage_options"])
         extra = ["--storage-option", f"client_kwargs.endpoint_url={bucket['endpoint_url']}"]
     # Two embedded Ray instances (no --address), one worker each, started together.
-    cmd = [sys.executable, "-m", "reelfarm.cli", "render", str(spec), "--out", out, "--no-prefect",
+    cmd = [sys.executable, "-m", "reelfarm.cli", "render", str(spec), "--out", out, "--no-prefect", "--json",
            "--workers", "1", "--chunk-delay", "0.3", *extra]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-3000:]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, (stdout + stderr)[-3000:]
     attempts = {c.key: _attempts(store, c.key) for c in plan.chunks}
     assert set(attempts.values()) == {1}, attempts  # no chunk rendered twice
+    # Counted by the runs themselves: together they rendered every chunk exactly once.
+    summaries = [json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs]
+    rendered = [s.get("rendered", 0) for s in summaries]
+    assert sum(rendered) == len(plan.chunks), summaries
     if where == "local":
         assert probe(os.path.join(out, "final.mp4")).frames == plan.frames
