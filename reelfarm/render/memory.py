@@ -257,3 +257,38 @@ def profile_from_pipeline(pipe: Any, family: str) -> FamilyMemory:
     return replace(base, params=params, vae_channels=int(channels), hidden=int(hidden),
                    spatial=int(spatial), temporal=int(temporal), patch=int(patch), fp32=(),
                    source=f"sizes from the loaded pipeline; {base.source}")
+
+
+def shot_peaks(plan: Any) -> dict[str, float | None]:
+    """Peak GiB of each shot's largest chunk as the spec asks (None: animatic, no GPU)."""
+    out: dict[str, float | None] = {}
+    for shot in plan.shots:
+        if shot.model.backend != "diffusers":
+            out[shot.shot_id] = None
+            continue
+        frames = max(c.num_frames for c in shot.chunks)
+        out[shot.shot_id] = round(estimate_gib(shot.model, shot.width, shot.height, frames), 2)
+    return out
+
+
+def check_plan_fits(plan: Any, gpus_gib: tuple[float, ...]) -> None:
+    """Refuse a plan with a chunk that fits none of ``gpus_gib``, whatever settings are chosen.
+
+    Raises:
+        PlanError: naming the shot, the model, the chunk size and the largest GPU.
+    """
+    from reelfarm.errors import PlanError
+
+    largest = max(gpus_gib)
+    for shot in plan.shots:
+        if shot.model.backend != "diffusers":
+            continue
+        frames = max(c.num_frames for c in shot.chunks)
+        if choose_fit(shot.model, shot.width, shot.height, frames, largest) is None:
+            need = estimate_gib(shot.model, shot.width, shot.height, frames, offload="sequential",
+                                vae_tiling=True, decode_chunk=1 if shot.model.family == "svd" else None)
+            raise PlanError(
+                f"shot {shot.shot_id!r}: model `{shot.model.id}` ({shot.model.family}) at "
+                f"{shot.width}x{shot.height}x{frames} needs at least {need:.1f} GiB, more than "
+                f"the largest GPU ({largest:g} GiB)"
+            )

@@ -1,0 +1,106 @@
+"""The memory model: its calibration points, the settings it chooses, plan-time refusal, and
+its estimate against the measured peak of a tiny pipeline on CPU.
+
+The CPU check measures peak RSS (VmHWM, reset through /proc/self/clear_refs) while a tiny
+SVD pipeline renders a chunk, and compares it with the activations the model predicts from
+that pipeline's own sizes and SVD's constants fitted on the H200: within ``FACTOR``.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import sys
+
+import pytest
+import torch
+
+from reelfarm.errors import PlanError
+from reelfarm.flows.plan import plan_film
+from reelfarm.render.diffusers import DiffusersBackend
+from reelfarm.render.memory import (
+    GIB,
+    _phases,
+    check_plan_fits,
+    choose_fit,
+    estimate_gib,
+    largest_fitting,
+    profile_from_pipeline,
+    shot_peaks,
+)
+from reelfarm.schemas.film import DiffusersModel, Film
+
+try:
+    from tests.render import tiny_pipelines as tp
+except ImportError:  # pragma: no cover
+    import tiny_pipelines as tp  # type: ignore[no-redef]
+
+FACTOR = 2.0  # estimate / measured activations, either way
+
+
+def _m(family: str, **kw: object) -> DiffusersModel:
+    kw.setdefault("dtype", "float16" if family == "svd" else "bfloat16")
+    return DiffusersModel(backend="diffusers", family=family, id="m", **kw)
+
+
+def test_calibration_points_are_reproduced() -> None:
+    assert estimate_gib(_m("ltx"), 768, 512, 121) == pytest.approx(17.8, abs=0.05)
+    assert estimate_gib(_m("svd"), 1024, 576, 25) == pytest.approx(64.8, abs=0.05)
+
+
+def test_fit_prefers_settings_that_keep_pixels() -> None:
+    wan = _m("wan")
+    assert choose_fit(wan, 832, 480, 81, 80).offload == "none"
+    assert choose_fit(wan, 832, 480, 81, 48).offload == "model"
+    small = choose_fit(wan, 832, 480, 81, 24)
+    assert small.offload == "group" and not small.changes_pixels
+    svd = choose_fit(_m("svd"), 1024, 576, 25, 24)
+    assert svd.decode_chunk is not None and svd.changes_pixels  # offload cannot shrink a decode
+    assert estimate_gib(_m("wan", accel={"weights": "fp8"}), 832, 480, 81) < estimate_gib(wan, 832, 480, 81)
+    assert largest_fitting(_m("ltx"), 768, 512, 121) == 24
+
+
+def _film(width: int, height: int, frames: int) -> Film:
+    return Film(title="t", resolution=(width, height),
+                model={"backend": "diffusers", "family": "svd", "id": "org/svd", "dtype": "float16"},
+                scenes=[{"id": "s01", "shots": [{"id": "s01_010", "frames": frames, "prompt": "p"}]}])
+
+
+def test_a_chunk_that_fits_no_gpu_is_refused_at_plan_time() -> None:
+    plan = plan_film(_film(1024, 576, 25))
+    assert shot_peaks(plan)["s01_010"] == pytest.approx(64.8, abs=0.05)
+    check_plan_fits(plan, (24,))  # fits with a chunked decode
+    huge = plan_film(_film(8192, 8192, 25))
+    with pytest.raises(PlanError, match=r"shot 's01_010': model `org/svd` \(svd\) at 8192x8192x25 "
+                                        r"needs at least .* GiB, more than the largest GPU \(141 GiB\)"):
+        check_plan_fits(huge, (24, 48, 80, 141))
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return int(re.search(field + r":\s+(\d+)", fh.read()).group(1)) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")
+def test_estimate_matches_measured_peak_of_a_tiny_pipeline_on_cpu() -> None:
+    torch.set_num_threads(2)
+    model = DiffusersModel(backend="diffusers", family="svd", id="tiny", steps=1, dtype="float32",
+                           chunk_frames=tp.TINY_FRAMES["svd"], overlap=1, guidance_scale=3.0)
+    be = DiffusersBackend.from_pipeline(tp.build_pipeline("svd"), model)
+    size = 96
+    shot = tp.tiny_shot(model, chunks=1, size=size)
+    ids = {"flame": be.encode_identity("flame", tp.reference_image(48), "0" * 64)}
+    be(shot, shot.chunks[0], ids)  # warm: kernels, allocator pools
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current RSS
+    before = _rss("VmRSS")
+    be(shot, shot.chunks[0], ids)
+    measured = _rss("VmHWM") - before
+    mem = profile_from_pipeline(be.pipe, "svd")
+    weights = sum(mem.params.values()) * 4
+    phases = _phases(mem, dtype="float32", width=size, height=size, frames=model.frames_per_chunk)
+    estimated = max(phases.values()) - weights
+    print(f"svd {size}px: measured {measured / 2**20:.0f} MiB, estimated {estimated / 2**20:.0f} MiB")
+    assert 1 / FACTOR <= estimated / measured <= FACTOR
+    assert estimated < GIB
