@@ -84,7 +84,6 @@ def _attempts(store: ChunkStore, key: str) -> int:
 def test_two_renders_into_one_out_render_each_chunk_once(where, tmp_path, request):
     spec = write_film(tmp_path / "spec")
     plan = plan_film(load_film(spec))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     extra: list[str] = []
     if where == "local":
         out = str(tmp_path / "out")
@@ -94,6 +93,7 @@ def test_two_renders_into_one_out_render_each_chunk_once(where, tmp_path, reques
         out = f"{bucket['url']}/run-{uuid.uuid4().hex[:6]}"
         store = ChunkStore(out, storage_options=bucket["storage_options"])
         extra = ["--storage-option", f"client_kwargs.endpoint_url={bucket['endpoint_url']}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # after s3_bucket set the keys
     # Two embedded Ray instances (no --address), one worker each, started together.
     cmd = [sys.executable, "-m", "reelfarm.cli", "render", str(spec), "--out", out, "--no-prefect", "--json",
            "--workers", "1", "--chunk-delay", "0.3", *extra]
