@@ -77,11 +77,16 @@ def validate(spec: Annotated[str, typer.Argument(help="film or campaign spec: pa
 
 def _shot_table(plan, price: float) -> Table:
     t = Table(title=f"{plan.title} — {plan.width}x{plan.height} @ {plan.fps} fps", title_justify="left")
-    for col in ("scene", "shot", "frames", "chunks", "backend", "est GPU-s"):
-        t.add_column(col, justify="right" if col in ("frames", "chunks", "est GPU-s") else "left")
+    from reelfarm.render.memory import shot_peaks
+
+    peaks = shot_peaks(plan)  # the memory model's estimate (render/memory.py)
+    for col in ("scene", "shot", "frames", "chunks", "backend", "est GPU-s", "peak GiB"):
+        t.add_column(col, justify="right" if col in ("frames", "chunks", "est GPU-s", "peak GiB") else "left")
     for s in plan.shots:
+        peak = peaks.get(s.shot_id)
         t.add_row(s.scene_id, s.shot_id, str(s.frames), str(len(s.chunks)),
-                  getattr(s.model, "family", s.model.backend), f"{s.est_gpu_s:,.1f}")
+                  getattr(s.model, "family", s.model.backend), f"{s.est_gpu_s:,.1f}",
+                  "-" if peak is None else f"{peak:,.1f}")
     return t
 
 
@@ -109,6 +114,9 @@ def plan_cmd(
     gpu: Annotated[str, typer.Option("--gpu", help="GPU class to simulate: l4, a10g, l40s, a100, h100, h200")
                    ] = "h200",
     allow_read: AllowReadOpt = None,
+    gpu_memory: Annotated[Optional[list[float]], typer.Option(
+        "--gpu-memory", help="GPU memory classes asked for, GiB (repeat; default 24, 48, 80, 141): "
+                             "a film with a chunk that fits none is refused")] = None,
 ) -> None:
     """Plan a film or campaign into chunks and print the plan, its GPU-hours and cost.
 
@@ -141,7 +149,11 @@ def plan_cmd(
             raise typer.BadParameter(f"`--gpu` must be one of {', '.join(GPU_CLASSES)}, got {gpu!r}")
     try:
         if isinstance(loaded, Film):
+            from reelfarm.render.memory import GPU_CLASSES as MEMORY_CLASSES
+            from reelfarm.render.memory import check_plan_fits
+
             plan = plan_film(loaded)
+            check_plan_fits(plan, tuple(gpu_memory or MEMORY_CLASSES))
             if gpus is not None:
                 simulated([plan])
                 return
