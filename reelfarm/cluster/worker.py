@@ -44,7 +44,9 @@ def load_key(model: AnimaticModel | DiffusersModel) -> str:
     """Which loaded model a chunk needs: workers holding the same key can take it."""
     if isinstance(model, AnimaticModel):
         return "animatic"
-    doc = {k: getattr(model, k) for k in ("family", "id", "revision", "dtype")}
+    doc: dict[str, Any] = {k: getattr(model, k) for k in ("family", "id", "revision", "dtype")}
+    if model.accel != type(model.accel)():  # hooks and kernels are set at load: another load
+        doc["accel"] = model.accel.model_dump(mode="json")
     return "diffusers:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
