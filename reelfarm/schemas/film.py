@@ -39,7 +39,6 @@ from pydantic import (
 )
 
 from reelfarm.schemas.accel import Accel
-from reelfarm.schemas.accel import Accel
 from reelfarm.schemas.families import FamilyRule, family_for
 from reelfarm.schemas.qc import QcPolicy
 
@@ -253,7 +252,6 @@ class DiffusersModel(_ModelCommon):
     offload: Literal["none", "model", "sequential"] = "none"
     vae_tiling: bool = False
     accel: Accel = Field(Accel(), description="acceleration (schemas/accel.py)")
-    accel: Accel = Field(Accel(), description="acceleration (schemas/accel.py)")
     max_sequence_length: int = Field(226, ge=8, le=1024)
     continuation: Literal["previous", "reference"] = "previous"
 
@@ -266,16 +264,6 @@ class DiffusersModel(_ModelCommon):
         if self.family != "ltx" and self.max_sequence_length != default:
             raise ValueError(f"`max_sequence_length` is read by the ltx family only, not {self.family!r}; "
                              f"remove it, got {self.max_sequence_length}")
-        return self
-
-    @model_validator(mode="after")
-    def _accel_fits_family(self) -> DiffusersModel:
-        problems = self.accel.problems(self.family)
-        if self.accel.group_offload != "none" and self.offload != "none":
-            problems.append(f"`accel.group_offload` and `offload` both move weights; choose one, "
-                            f"got {self.accel.group_offload!r} and {self.offload!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")
