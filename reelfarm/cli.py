@@ -258,6 +258,10 @@ def _print_run(summary: dict) -> None:
     console.print(t)
     for shot, err in (summary.get("failed_shots") or {}).items():
         err_console.print(f"[red]shot {escape(shot)} failed:[/] {escape(str(err))}", highlight=False)
+    if summary.get("error"):
+        err_console.print(f"[bold red]error:[/] {escape(str(summary['error']))}; every chunk is kept: "
+                          f"reelfarm resume {escape(str(summary.get('out', '')))} finishes the run",
+                          highlight=False, soft_wrap=True)
     for name, url in (summary.get("outputs") or {}).items():
         console.print(f"  {name}: {url}", highlight=False, markup=False)
 

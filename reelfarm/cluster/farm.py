@@ -324,7 +324,7 @@ class Farm:
         if not sched.finished:
             # 2. Identities, once, shared by reference. 3. Dispatch and collect.
             self.ensure_started()
-            run = _Run(self, sched, manifest, summary, self.prepare_identities(plan))
+            run = _Run(self, sched, manifest, summary, self.prepare_identities(plan), force=force)
             try:
                 run.loop()
             except BaseException:
@@ -372,8 +372,9 @@ class _Run:
     """One ``Farm.render``: turns Ray futures into scheduler events and decisions into calls."""
 
     def __init__(self, farm: Farm, sched: Scheduler, manifest: ManifestWriter, summary: RenderSummary,
-                 identities: dict[tuple[str, str], Any]) -> None:
+                 identities: dict[tuple[str, str], Any], force: set[str] | None = None) -> None:
         self.farm, self.sched, self.manifest, self.summary = farm, sched, manifest, summary
+        self.force = force or set()
         self.identities = identities
         self.refs: dict[str, deque] = {}  # worker id -> refs of its queued chunks, head running
         self.by_id: dict[str, _Worker] = {}
@@ -548,7 +549,8 @@ class _Run:
         """Send a chunk, once its lease is ours; returns the decisions a parked chunk leads to."""
         if not self.leases.acquire(d.key):
             return self.sched.on(ChunkHeld(d.worker, d.key))
-        if self.farm.store.is_complete(d.key):  # committed by another run since we looked
+        again = d.key in self.force or d.key in self.sched.rerendered  # known bad: render it anyway
+        if not again and self.farm.store.is_complete(d.key):  # committed by another run since we looked
             self.leases.release(d.key)
             out = self.sched.on(ChunkHeld(d.worker, d.key)) + self.sched.on(ChunkCommitted(d.key))
             self._committed_elsewhere(d.key)

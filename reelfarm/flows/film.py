@@ -90,6 +90,7 @@ def _finish(job: RunJob, results: dict[str, RunResult]) -> dict[str, Any] | Stat
                if job.is_campaign else cells[""])
     failed = {f"{cell}/{shot}" if cell else shot: err for cell, s in cells.items()
               for shot, err in s["failed_shots"].items()}
+    failed.update({cell or "run": s["error"] for cell, s in cells.items() if s.get("error")})
     if failed:
         return Failed(message=f"{len(failed)} shot(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()),
                       data=summary)

@@ -61,10 +61,15 @@ class RunResult:
     summary: RenderSummary
     outputs: dict[str, str] = field(default_factory=dict)  # name -> URL
     stitch: Any = None
+    error: str | None = None  # the run could not finish its deliverables (storage failed)
+
+    @property
+    def ok(self) -> bool:
+        return self.summary.ok and self.error is None
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.summary.ok else 1
+        return 0 if self.ok else 1
 
     def shot_report(self) -> list[dict[str, Any]]:
         failed = self.summary.failed_shots
@@ -79,8 +84,9 @@ def run_summary(result: RunResult) -> dict[str, Any]:
     return {
         "run_id": result.run_id,
         "out": result.out_url,
-        "ok": s.ok,
+        "ok": result.ok,
         "exit_code": result.exit_code,
+        "error": result.error,
         "chunks": len(result.plan.chunks),
         "rendered": len(s.rendered),
         "cached": len(s.cached),
@@ -184,14 +190,25 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
     if summary.ok:
         review = {"contact_sheet": output.contact_sheet, "report": output.report} if output else {}
         events.emit("stitch_start", run_id=run_id, cell=prefix)
-        _stitch(result, farm, store, manifest, formats=formats, crf=crf, review=review)
-        events.emit("stitch_done", run_id=run_id, cell=prefix, detail={"outputs": sorted(result.outputs)})
+        try:
+            _stitch(result, farm, store, manifest, formats=formats, crf=crf, review=review)
+        except OSError as e:
+            # OUT's storage failed (full, gone, read-only). Every deliverable is published
+            # whole or not at all, and every chunk is kept: `reelfarm resume OUT` finishes it.
+            result.error = f"storage: {type(e).__name__}: {e}"
+            logger.error("%s: could not write the deliverables: %s", out_url, result.error)
+        events.emit("stitch_done", run_id=run_id, cell=prefix, error=result.error,
+                    detail={"outputs": sorted(result.outputs)})
     if not summary.ok:
         _partial(plan, store, out_url, result, crf)
-    manifest.flush(force=True)
-    out.write_status(_status_doc(result))
+    try:
+        manifest.flush(force=True)
+        out.write_status(_status_doc(result))
+    except OSError as e:  # the same full disk: the run's outcome still reaches the caller
+        result.error = result.error or f"storage: {type(e).__name__}: {e}"
+        logger.error("%s: could not write status.json: %s", out_url, e)
     events.emit("run_done", run_id=run_id, cell=prefix, seconds=round(time.monotonic() - t0, 3),
-                detail={"ok": summary.ok, "rendered": len(summary.rendered), "cached": len(summary.cached),
+                detail={"ok": result.ok, "rendered": len(summary.rendered), "cached": len(summary.cached),
                         "failed_shots": dict(summary.failed_shots)})
     return result
 
@@ -243,7 +260,8 @@ def _partial(plan: RenderPlan, store: ChunkStore, out_url: str, result: RunResul
 def _status_doc(result: RunResult) -> dict[str, Any]:
     return {
         "run_id": result.run_id,
-        "ok": result.summary.ok,
+        "ok": result.ok,
+        "error": result.error,
         "rendered": len(result.summary.rendered),
         "cached": len(result.summary.cached),
         "failed": result.summary.failed,

@@ -336,17 +336,20 @@ def stitch_film(
     out = Location(out_url, storage_options=storage_options)
     fresh = freshness(plan, out, formats=formats, crf=crf, contact_sheet=contact_sheet, report=report)
     result = StitchResult(out_url=out_url, frames=plan.frames, duration_s=plan.duration_s)
+    encode = _shots_to_encode(plan, fresh, formats) if not fresh.up_to_date else set()
+    # Chunks to decode must be there; those not decoded are checksummed instead (cheaper
+    # than a decode), so a chunk gone bad is found and rendered again even when every
+    # deliverable is current.
+    missing = [c.key for s in plan.shots for c in s.chunks
+               if not store.is_complete(c.key, verify=s.shot_id not in encode)]
+    if missing:
+        shown = ", ".join(f"`{k}`" for k in missing[:20])
+        raise StoreError(f"{len(missing)} chunk(s) missing or corrupt in the store: {shown}", keys=missing)
     if fresh.up_to_date:  # nothing changed since the last stitch: encode nothing
         result.seam_scores = {s.shot_id: fresh.seams(s.shot_id) or [] for s in plan.shots}
         result.outputs = {rel: out_url.rstrip("/") + "/" + rel for rel in fresh.keys}
         result.up_to_date = True
         return result
-    encode = _shots_to_encode(plan, fresh, formats)
-    missing = [c.key for s in plan.shots if s.shot_id in encode for c in s.chunks
-               if not store.is_complete(c.key, verify=False)]
-    if missing:
-        shown = ", ".join(f"`{k}`" for k in missing[:20])
-        raise StoreError(f"{len(missing)} chunk(s) missing from the store: {shown}", keys=missing)
     tmp = None if workdir else tempfile.TemporaryDirectory(prefix="reelfarm-stitch-")
     work = os.path.abspath(workdir or tmp.name)  # type: ignore[union-attr]
     try:
