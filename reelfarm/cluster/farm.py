@@ -475,7 +475,7 @@ class _Run:
         self.summary.workers_used.add(wid)
         self.manifest.update(key, status="done", worker=reply.worker, node=w.node_id, finished_at=utcnow(),
                              render_s=round(reply.render_s, 4), output_url=reply.record.url,
-                             checksum=reply.record.checksum, error=None)
+                             checksum=reply.record.checksum, error=None, **reply.qc)
         self._announce("chunk_done", key, worker=wid, seconds=round(reply.render_s, 4))
         self._apply(self.sched.on(ChunkDone(wid, key, seconds=reply.render_s)))
         self.leases.release(key)

@@ -62,6 +62,7 @@ class RunResult:
     outputs: dict[str, str] = field(default_factory=dict)  # name -> URL
     stitch: Any = None
     error: str | None = None  # the run could not finish its deliverables (storage failed)
+    manifest: Any = None  # the run's manifest table (pyarrow), for the per-shot qc report
 
     @property
     def ok(self) -> bool:
@@ -72,9 +73,14 @@ class RunResult:
         return 0 if self.ok else 1
 
     def shot_report(self) -> list[dict[str, Any]]:
+        """Per shot: status, error, and its identity score, retakes and qc flags."""
+        from reelfarm.render.quality import shot_qc
+
         failed = self.summary.failed_shots
+        qc = shot_qc(self.plan, self.manifest) if self.manifest is not None else {}
         return [{"shot": s.shot_id, "scene": s.scene_id, "chunks": len(s.chunks),
-                 "status": "failed" if s.shot_id in failed else "ok", "error": failed.get(s.shot_id)}
+                 "status": "failed" if s.shot_id in failed else "ok", "error": failed.get(s.shot_id),
+                 **(qc[s.shot_id].report() if s.shot_id in qc else {})}
                 for s in self.plan.shots]
 
 
@@ -201,6 +207,7 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
                     detail={"outputs": sorted(result.outputs)})
     if not summary.ok:
         _partial(plan, store, out_url, result, crf)
+    result.manifest = manifest.table()
     try:
         manifest.flush(force=True)
         out.write_status(_status_doc(result))

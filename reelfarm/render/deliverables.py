@@ -49,7 +49,7 @@ def write_review(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.nda
     """
     from reelfarm.render import review, timeline
 
-    timeline.write_timeline(timeline.build_timeline(plan, seam_scores=result.seam_scores),
+    timeline.write_timeline(timeline.build_timeline(plan, seam_scores=result.seam_scores, manifest=manifest),
                             os.path.join(work, "timeline.otio"))
     written = ["timeline.otio"]
     if contact_sheet:
