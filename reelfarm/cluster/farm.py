@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from reelfarm import events
 from reelfarm.cluster.lease import Leases
-from reelfarm.cluster.manifest import ManifestWriter, utcnow
+from reelfarm.cluster.manifest import ManifestGroup, ManifestWriter, utcnow
 from reelfarm.cluster.runtime import connect, node_slots
 from reelfarm.cluster.scheduler import (
     ChunkCommitted,
@@ -313,40 +313,85 @@ class Farm:
             manifest: the run's manifest, updated as chunks finish.
             force: content keys to render even if committed (found corrupt by stitching).
         """
-        summary = RenderSummary(run_id=manifest.run_id)
+        return self.render_many([(plan, manifest)], force=force)[0]
+
+    def render_many(self, runs: list[tuple[RenderPlan, ManifestWriter]], *, force: set[str] | None = None
+                    ) -> list[RenderSummary]:
+        """Render several plans' missing chunks on one queue (a campaign's cells).
+
+        A chunk several plans share (same content key) is rendered once; workers never idle
+        at the end of one plan while another has work. One summary per plan, in order: a
+        shared chunk counts as rendered by the first plan that uses it, cached by the others.
+        """
+        force = force or set()
+        group = ManifestGroup([m for _, m in runs])
         loads_before, enc_before = self.stats.model_loads, self.stats.identity_encodes
         # 1. What is already done.
-        done = self._committed(plan, manifest, summary, force or set())
-        jobs = [Job(c.key, c.name, shot.shot_id, c.est_gpu_s, load_key(shot.model), c.depends_on,
-                    (shot, c)) for shot in plan.shots for c in shot.chunks]
-        sched = Scheduler(jobs, Rules.from_settings(self.settings), clock=time.monotonic, done=done,
+        summaries = [RenderSummary(run_id=m.run_id) for _, m in runs]
+        done: set[str] = set()
+        for (plan, manifest), summary in zip(runs, summaries):
+            done |= self._committed(plan, manifest, summary, force)
+        jobs: dict[str, Job] = {}
+        for plan, _ in runs:
+            for shot in plan.shots:
+                for c in shot.chunks:
+                    jobs.setdefault(c.key, Job(c.key, c.name, shot.shot_id, c.est_gpu_s, load_key(shot.model),
+                                               c.depends_on, (shot, c)))
+        sched = Scheduler(jobs.values(), Rules.from_settings(self.settings), clock=time.monotonic, done=done,
                           blocklist=self.blocklist, node_failures=self._node_failures)
+        run: _Run | None = None
         if not sched.finished:
             # 2. Identities, once, shared by reference. 3. Dispatch and collect.
             self.ensure_started()
-            run = _Run(self, sched, manifest, summary, self.prepare_identities(plan), force=force)
+            identities: dict[tuple[str, str], Any] = {}
+            for plan, _ in runs:
+                identities.update(self.prepare_identities(plan))
+            run = _Run(self, sched, group, summaries[0], identities, force=force)
             try:
                 run.loop()
             except BaseException:
                 run.release_all()
                 # Interrupted (Ctrl-C) or broken: nothing may stay marked running, and the
                 # committed chunks are kept; `reelfarm resume OUT` renders the rest.
-                for row in manifest.rows:
+                for row in group.rows:
                     if row.status == "running":
                         row.status = "planned"
-                manifest.flush(force=True)
+                group.flush(force=True)
                 raise
-        manifest.flush(force=True)
-        summary.rendered = list(sched.rendered)
-        summary.failed = dict(sched.failed)
-        summary.failed_shots = dict(sched.failed_shots)
-        summary.cached = [k for k in summary.cached if k not in sched.rerendered]
+        self._summarise(runs, summaries, sched, run)
+        group.flush(force=True)
         self.stats.rendered += len(sched.rendered)
         self.stats.retries += sched.retries
-        summary.model_loads = self.stats.model_loads - loads_before
-        summary.identity_encodes = self.stats.identity_encodes - enc_before
-        summary.blocklisted |= self.blocklist
-        return summary
+        summaries[0].model_loads = self.stats.model_loads - loads_before
+        summaries[0].identity_encodes = self.stats.identity_encodes - enc_before
+        return summaries
+
+    def _summarise(self, runs: list[tuple[RenderPlan, ManifestWriter]], summaries: list[RenderSummary],
+                   sched: Scheduler, run: _Run | None) -> None:
+        """Each plan's share of what the one queue did."""
+        claimed: set[str] = set()  # rendered keys already counted by an earlier plan
+        rendered = set(sched.rendered)
+        for (plan, manifest), summary in zip(runs, summaries):
+            keys = [c.key for c in plan.chunks]
+            unique = list(dict.fromkeys(keys))
+            mine = [k for k in unique if k in rendered and k not in claimed]
+            shared = [k for k in unique if k in rendered and k in claimed]  # another cell rendered it
+            for k in shared:
+                manifest.update(k, status="cached")
+            claimed.update(mine)
+            summary.rendered = mine
+            # Cached at the start and not rendered again (a re-rendered dependency is not cached).
+            summary.cached = ([k for k in summary.cached if k not in rendered] + shared
+                              + [k for k in unique if k in sched.elsewhere])
+            summary.failed = {k: sched.failed[k] for k in keys if k in sched.failed}
+            for shot in plan.shots:
+                for c in shot.chunks:
+                    if c.key in sched.failed:
+                        summary.failed_shots.setdefault(shot.shot_id, f"{c.name}: {sched.failed[c.key]}")
+            if run is not None:
+                summary.nodes_used |= run.summary.nodes_used
+                summary.workers_used |= run.summary.workers_used
+            summary.blocklisted |= self.blocklist
 
     def _committed(self, plan: RenderPlan, manifest: ManifestWriter, summary: RenderSummary,
                    force: set[str]) -> set[str]:
@@ -371,8 +416,9 @@ class Farm:
 class _Run:
     """One ``Farm.render``: turns Ray futures into scheduler events and decisions into calls."""
 
-    def __init__(self, farm: Farm, sched: Scheduler, manifest: ManifestWriter, summary: RenderSummary,
-                 identities: dict[tuple[str, str], Any], force: set[str] | None = None) -> None:
+    def __init__(self, farm: Farm, sched: Scheduler, manifest: ManifestWriter | ManifestGroup,
+                 summary: RenderSummary, identities: dict[tuple[str, str], Any],
+                 force: set[str] | None = None) -> None:
         self.farm, self.sched, self.manifest, self.summary = farm, sched, manifest, summary
         self.force = force or set()
         self.identities = identities
@@ -441,7 +487,6 @@ class _Run:
 
     def _committed_elsewhere(self, key: str) -> None:
         rec = self.farm.store.record(key)
-        self.summary.cached.append(key)
         self.manifest.update(key, status="cached", output_url=rec.url if rec else None,
                              checksum=rec.checksum if rec else None, error=None)
         self._announce("chunk_cached", key)

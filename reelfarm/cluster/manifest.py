@@ -20,7 +20,7 @@ from reelfarm.cluster.store import ChunkStore
 from reelfarm.schemas.manifest import ManifestRow, plan_rows, rows_to_table
 from reelfarm.schemas.plan import RenderPlan
 
-__all__ = ["ManifestWriter", "read_manifest", "utcnow"]
+__all__ = ["ManifestGroup", "ManifestWriter", "read_manifest", "utcnow"]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.parquet"
@@ -81,3 +81,31 @@ class ManifestWriter:
         self.store.write_bytes_atomic(f"{base}{MANIFEST}", data)
         self._last = now
         self._dirty = False
+
+
+class ManifestGroup:
+    """Several runs' manifests updated as one: a campaign's cells on one queue share chunks,
+    and a chunk's news goes to every cell that uses it."""
+
+    def __init__(self, writers: list[ManifestWriter]) -> None:
+        self.writers = writers
+        self.run_id = writers[0].run_id
+        self._owners: dict[str, list[ManifestWriter]] = {}
+        for w in writers:
+            for key in w._by_key:
+                self._owners.setdefault(key, []).append(w)
+
+    @property
+    def rows(self) -> list[ManifestRow]:
+        return [row for w in self.writers for row in w.rows]
+
+    def update(self, key: str, **fields: Any) -> None:
+        for w in self._owners.get(key, ()):
+            w.update(key, **fields)
+
+    def get(self, key: str) -> ManifestRow:
+        return self._owners[key][0].get(key)
+
+    def flush(self, *, force: bool = False) -> None:
+        for w in self.writers:
+            w.flush(force=force)

@@ -1,9 +1,9 @@
 """Prefect flows: films, campaigns and resumes, recorded stage by stage.
 
 Each flow decorates the one run function, :func:`reelfarm.flows.render.run_job`, and adds
-only what Prefect adds: task records for validate, plan and render-and-stitch, a per-shot
+only what Prefect adds: task records for validate, plan, render-chunks and stitch, a per-shot
 table artifact, a retry for retryable failures, and deployments. Prefect works at stage
-level; Ray works at chunk level inside ``render-and-stitch``. A Prefect task per chunk
+level; Ray works at chunk level inside ``render-chunks``. A Prefect task per chunk
 would be the wrong grain: every task run costs an API round trip, and through prefect-ray
 every Ray worker starts its own temporary Prefect server. Resume never depends on
 Prefect's result cache: storage (content keys) decides what is done.
@@ -22,7 +22,16 @@ from prefect.states import Failed, State
 
 from reelfarm.errors import FarmError
 from reelfarm.flows.plan import plan_film
-from reelfarm.flows.render import RunJob, RunResult, Stages, render_plan, resume_job, run_job, run_summary
+from reelfarm.flows.render import (
+    RunJob,
+    RunResult,
+    Stages,
+    finish_cell,
+    render_chunks,
+    resume_job,
+    run_job,
+    run_summary,
+)
 from reelfarm.schemas.loader import load_spec
 from reelfarm.settings import Settings
 
@@ -59,8 +68,8 @@ def _publish(result: RunResult, cell: str) -> None:
 
 PREFECT_STAGES = Stages(
     plan=task(name="plan", cache_policy=NO_CACHE)(plan_film),
-    render=task(name="render-and-stitch", cache_policy=NO_CACHE, retries=1,
-                retry_condition_fn=is_retryable)(render_plan),
+    chunks=task(name="render-chunks", cache_policy=NO_CACHE)(render_chunks),
+    finish=task(name="stitch", cache_policy=NO_CACHE, retries=1, retry_condition_fn=is_retryable)(finish_cell),
     publish=_publish,
 )
 validate_task = task(name="validate", cache_policy=NO_CACHE)(load_spec)

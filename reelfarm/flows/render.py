@@ -35,11 +35,15 @@ __all__ = [
     "FILM_DOC",
     "RunJob",
     "RunResult",
+    "Cell",
     "Stages",
+    "begin_cell",
+    "finish_cell",
     "load_run",
     "load_run_film",
     "new_run_id",
     "render_cells",
+    "render_chunks",
     "render_plan",
     "render_spec",
     "run_job",
@@ -176,28 +180,56 @@ def resume_job(out_url: str, storage_options: dict[str, Any] | None = None) -> R
 def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str, run_id: str,
                 formats: tuple[str, ...] = ("mp4",), crf: int = 18, prefix: str = "",
                 settings: Settings | None = None, output: Output | None = None) -> RunResult:
-    """Render the plan's missing chunks on ``farm``, then stitch the deliverables.
+    """Render the plan's missing chunks on ``farm``, then stitch the deliverables (one cell).
 
     ``store`` holds the chunks (shared by campaign cells); deliverables and the manifest
     go under ``out_url`` (``store.url(prefix)``). ``output`` (the spec's ``output:``), when
     given, decides the formats, quality and review files over ``formats`` and ``crf``.
     """
-    if output is not None:
-        formats, crf = tuple(output.formats), output.crf
-    settings = settings or farm.settings
+    cell = begin_cell(plan, store, run_id=run_id, prefix=prefix, out_url=out_url,
+                      settings=settings or farm.settings, output=output or Output(formats=formats, crf=crf))
+    (summary,) = render_chunks(farm, [cell])
+    return finish_cell(cell, summary, farm, store)
+
+
+@dataclass
+class Cell:
+    """One film (or campaign cell) on its way: its plan, manifest, OUT and output options."""
+
+    plan: RenderPlan
+    manifest: ManifestWriter
+    out_url: str
+    output: Output
+    prefix: str = ""
+    t0: float = field(default_factory=time.monotonic)
+
+
+def begin_cell(plan: RenderPlan, store: ChunkStore, *, run_id: str, prefix: str, out_url: str,
+               settings: Settings, output: Output) -> Cell:
+    """A cell's manifest, and the event that says it started."""
     manifest = ManifestWriter(store, plan, run_id, flush_s=settings.manifest_flush_s, prefix=prefix)
-    out = OutputFolder(out_url, storage_options=store.storage_options)
-    t0 = time.monotonic()
     events.emit("run_start", run_id=run_id, cell=prefix, est_s=plan.est_gpu_s, frames=plan.frames,
                 detail={"shots": {s.shot_id: len(s.chunks) for s in plan.shots},
                         "frames": {s.shot_id: s.frames for s in plan.shots}})
-    summary = farm.render(plan, manifest)
+    return Cell(plan, manifest, out_url, output, prefix)
+
+
+def render_chunks(farm: Farm, cells: list[Cell]) -> list[RenderSummary]:
+    """Every cell's missing chunks on one queue (identical chunks once); a summary per cell."""
+    return farm.render_many([(c.plan, c.manifest) for c in cells])
+
+
+def finish_cell(cell: Cell, summary: RenderSummary, farm: Farm, store: ChunkStore) -> RunResult:
+    """Stitch a cell whose chunks are rendered (or its good shots, when some failed); status."""
+    plan, manifest, out_url, output = cell.plan, cell.manifest, cell.out_url, cell.output
+    run_id, prefix = manifest.run_id, cell.prefix
+    out = OutputFolder(out_url, storage_options=store.storage_options)
     result = RunResult(run_id=run_id, out_url=out_url, plan=plan, summary=summary)
     if summary.ok:
-        review = {"contact_sheet": output.contact_sheet, "report": output.report} if output else {}
+        review = {"contact_sheet": output.contact_sheet, "report": output.report}
         events.emit("stitch_start", run_id=run_id, cell=prefix)
         try:
-            _stitch(result, farm, store, manifest, formats=formats, crf=crf, review=review)
+            _stitch(result, farm, store, manifest, formats=tuple(output.formats), crf=output.crf, review=review)
         except OSError as e:
             # OUT's storage failed (full, gone, read-only). Every deliverable is published
             # whole or not at all, and every chunk is kept: `reelfarm resume OUT` finishes it.
@@ -206,7 +238,7 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
         events.emit("stitch_done", run_id=run_id, cell=prefix, error=result.error,
                     detail={"outputs": sorted(result.outputs)})
     if not summary.ok:
-        _partial(plan, store, out_url, result, crf)
+        _partial(plan, store, out_url, result, output.crf)
     result.manifest = manifest.table()
     try:
         manifest.flush(force=True)
@@ -214,7 +246,7 @@ def render_plan(plan: RenderPlan, farm: Farm, store: ChunkStore, *, out_url: str
     except OSError as e:  # the same full disk: the run's outcome still reaches the caller
         result.error = result.error or f"storage: {type(e).__name__}: {e}"
         logger.error("%s: could not write status.json: %s", out_url, e)
-    events.emit("run_done", run_id=run_id, cell=prefix, seconds=round(time.monotonic() - t0, 3),
+    events.emit("run_done", run_id=run_id, cell=prefix, seconds=round(time.monotonic() - cell.t0, 3),
                 detail={"ok": result.ok, "rendered": len(summary.rendered), "cached": len(summary.cached),
                         "failed_shots": dict(summary.failed_shots)})
     return result
@@ -287,13 +319,15 @@ class Stages:
     """The steps of a run that a recorder (Prefect) may wrap; plain functions by default.
 
     Attributes:
-        plan: ``Film -> RenderPlan``.
-        render: :func:`render_plan`'s signature: render and stitch one cell.
+        plan: ``Film -> RenderPlan``, per cell.
+        chunks: :func:`render_chunks`: every cell's chunks on one queue.
+        finish: :func:`finish_cell`: stitch one cell and write its status.
         publish: called with each cell's result and its name (artifacts); no-op here.
     """
 
     plan: Callable[[Film], RenderPlan] = plan_film
-    render: Callable[..., RunResult] = render_plan
+    chunks: Callable[..., list[RenderSummary]] = render_chunks
+    finish: Callable[..., RunResult] = finish_cell
     publish: Callable[[RunResult, str], None] = lambda result, name: None
 
 
@@ -330,12 +364,15 @@ def run_job(job: RunJob, settings: Settings | None = None, *, farm: Farm | None 
     farm.store = store
     results: dict[str, RunResult] = {}
     try:
-        for cell, film in job.cells:
-            result = stages.render(stages.plan(film), farm, store, out_url=out.cell(cell).root,
-                                   run_id=run_id or new_run_id(), prefix=cell, settings=settings,
-                                   output=film.output)
-            stages.publish(result, cell)
-            results[cell] = result
+        # Every cell's chunks on one queue, then each cell's deliverables.
+        cells = [begin_cell(stages.plan(film), store, run_id=run_id or new_run_id(), prefix=cell,
+                            out_url=out.cell(cell).root, settings=settings, output=film.output)
+                 for cell, film in job.cells]
+        summaries = stages.chunks(farm, cells)
+        for (name, _), cell, summary in zip(job.cells, cells, summaries):
+            result = stages.finish(cell, summary, farm, store)
+            stages.publish(result, name)
+            results[name] = result
     finally:
         if own:
             farm.shutdown()
