@@ -261,9 +261,11 @@ class DiffusersModel(_ModelCommon):
         # assuming 512 text tokens, CogVideoX takes its length from the model's config,
         # SVD reads no prompt. A value the model would ignore is refused, not dropped.
         default = type(self).model_fields["max_sequence_length"].default
-        if self.family != "ltx" and self.max_sequence_length != default:
-            raise ValueError(f"`max_sequence_length` is read by the ltx family only, not {self.family!r}; "
-                             f"remove it, got {self.max_sequence_length}")
+        fixed = {"wan": 512, "cogvideox": 226}.get(self.family)  # what the family's model takes
+        if self.family != "ltx" and self.max_sequence_length not in (default, fixed):
+            raise ValueError(f"`max_sequence_length` is read by the ltx family only, not {self.family!r}"
+                             + (f" (it takes {fixed} text tokens)" if fixed else "")
+                             + f"; remove it, got {self.max_sequence_length}")
         return self
 
     @model_validator(mode="after")
