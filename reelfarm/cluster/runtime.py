@@ -46,7 +46,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         kwargs: dict = {"log_to_driver": False, "configure_logging": False}
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
-            _token_for(address)
             ray.init(address=address, **kwargs)
         else:
             # "local": always a new instance of our own, never whatever cluster was last
@@ -66,21 +65,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     )
     logger.info("ray: %s", info)
     return info
-
-
-def _token_for(address: str) -> None:
-    """Joining by HOST:PORT: use this machine's Ray token (RAY_AUTH_TOKEN or ~/.ray/auth_token)
-    the way ``ray start --head`` does, so a token cluster accepts the driver. Ray turns token
-    mode on by itself only for ``auto``; an explicit RAY_AUTH_MODE is always respected."""
-    if address == "auto" or address.startswith("ray://") or "RAY_AUTH_MODE" in os.environ:
-        return
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # another Ray: leave it to Ray
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def node_slots(*, workers: int | None = None, exclude: set[str] | frozenset[str] = frozenset(),
