@@ -158,6 +158,7 @@ def test_cli_render_with_a_failed_shot_exits_1_and_keeps_the_rest(ray_cluster, t
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "shot s01_020 failed" in proc.stderr and "model_index.json" in proc.stderr
+    assert "[red]" not in proc.stderr and "[/]" not in proc.stderr  # markup rendered, not printed
     plan = plan_film(load_film(spec))
     store = ChunkStore(str(out))
     assert all(store.is_complete(c.key) for c in plan.shot("s01_010").chunks)

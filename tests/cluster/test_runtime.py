@@ -28,6 +28,7 @@ def test_render_without_address_uses_its_own_ray_and_leaves_others_alone(ray_clu
                            "--no-prefect", "--workers", "1"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Token authentication is enabled" not in proc.stderr  # on, but not announced every run
     nodes = {r["node"] for r in read_manifest(ChunkStore(str(out))).to_pylist()}
     assert nodes and not nodes & other, (nodes, other)
     assert len(nodes) == 1  # the embedded instance is one node
