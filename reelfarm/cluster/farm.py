@@ -485,6 +485,19 @@ class _Run:
             if lease is None or not lease.live(now):
                 self._apply(self.sched.on(ChunkReleased(key)))
 
+    def _committed_by_us(self, key: str) -> bool:
+        try:
+            meta = self.farm.store.read_sidecar(key)
+        except FarmError:
+            return False
+        if meta.get("run_id") != self.manifest.run_id:
+            return False
+        rec = self.farm.store.record(key)
+        self.manifest.update(key, status="done", worker=meta.get("worker"), finished_at=utcnow(), error=None,
+                             output_url=rec.url if rec else None, checksum=rec.checksum if rec else None)
+        self._announce("chunk_done", key, worker=meta.get("worker"))
+        return True
+
     def _committed_elsewhere(self, key: str) -> None:
         rec = self.farm.store.record(key)
         self.manifest.update(key, status="cached", output_url=rec.url if rec else None,
@@ -595,10 +608,13 @@ class _Run:
         if not self.leases.acquire(d.key):
             return self.sched.on(ChunkHeld(d.worker, d.key))
         again = d.key in self.force or d.key in self.sched.rerendered  # known bad: render it anyway
-        if not again and self.farm.store.is_complete(d.key):  # committed by another run since we looked
+        if not again and self.farm.store.is_complete(d.key):  # committed since we looked
             self.leases.release(d.key)
-            out = self.sched.on(ChunkHeld(d.worker, d.key)) + self.sched.on(ChunkCommitted(d.key))
-            self._committed_elsewhere(d.key)
+            # By another run, or by one of ours lost before it could answer (its retry).
+            ours = self._committed_by_us(d.key)
+            out = self.sched.on(ChunkHeld(d.worker, d.key)) + self.sched.on(ChunkCommitted(d.key, ours=ours))
+            if not ours:
+                self._committed_elsewhere(d.key)
             return out
         w = self._worker(d.worker)
         shot, chunk = self.sched.jobs[d.key].payload

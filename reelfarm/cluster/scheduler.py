@@ -198,9 +198,14 @@ class ChunkHeld:
 
 @dataclass(frozen=True)
 class ChunkCommitted:
-    """A parked chunk was committed by the run holding its lease: done here, not rendered."""
+    """A parked chunk was committed by the run holding its lease: done here, not rendered.
+
+    ``ours``: the commit is this run's own, made by a worker lost before it could answer;
+    the chunk counts as rendered (once) by this run.
+    """
 
     key: str
+    ours: bool = False
 
 
 @dataclass(frozen=True)
@@ -488,7 +493,7 @@ class Scheduler:
         if task is None:
             return
         self.done.add(e.key)
-        self.elsewhere.append(e.key)
+        (self.rendered if e.ours else self.elsewhere).append(e.key)
         self.remaining -= 1
         for dep in self._waiting.pop(e.key, []):
             self._make_ready(dep)

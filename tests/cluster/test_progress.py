@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -119,8 +120,10 @@ def test_ctrl_c_keeps_chunks_marks_nothing_running_and_says_how_to_resume(ray_cl
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     kept = _committed(out, plan)
-    assert 1 <= kept < len(plan.chunks)
-    assert f"{kept} of {len(plan.chunks)} chunks" in err and f"reelfarm resume {out}" in err
+    said = re.search(rf"(\d+) of {len(plan.chunks)} chunks are committed", err)
+    # A worker killed mid-write may still land its commit after the count: never fewer.
+    assert said and 1 <= int(said.group(1)) <= kept < len(plan.chunks), err
+    assert f"reelfarm resume {out}" in err
     assert "Traceback" not in err
     rows = read_manifest(ChunkStore(str(out))).to_pylist()
     assert not [r for r in rows if r["status"] == "running"]

@@ -303,3 +303,13 @@ def test_rule7_a_released_lease_makes_the_chunk_ready_again_with_its_attempts_un
     out = s.on(ChunkReleased("a"))  # the holder's lease lapsed uncommitted
     sent = [d for d in out if isinstance(d, Submit)]
     assert [(d.key, d.attempt) for d in sent] == [("a", 1)]
+
+
+def test_rule7_our_own_commit_found_on_retry_counts_as_rendered_once():
+    from reelfarm.cluster.scheduler import ChunkCommitted, ChunkHeld
+
+    s, _ = start([single("a")], workers=("w1", "w2"))
+    s.on(WorkerDown("w1", "node lost after the chunk was committed"))
+    s.on(ChunkHeld("w2", "a"))  # the retry finds the lost worker's commit
+    s.on(ChunkCommitted("a", ours=True))
+    assert s.finished and s.rendered == ["a"] and s.elsewhere == []
