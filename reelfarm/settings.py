@@ -25,7 +25,10 @@ class Settings(BaseSettings):
         timeout_factor: a chunk running past this multiple of its estimate is cancelled...
         timeout_floor_s: ...but never before this many seconds (estimates are H100 figures).
         load_timeout_s: extra time a chunk gets when its worker must load the model first.
-        queue_depth: chunks queued on each worker, the running one included.
+        queue_depth: chunks queued on each worker, the running one included. 1 by default: a
+            second queued chunk hides only the dispatch gap (milliseconds against chunks of
+            seconds to minutes) but holds a shot's next chained chunk behind it; simulated on
+            chained films, makespan over the bound went from 1.477 (2) to 1.001 (1).
         worker_start_timeout_s: how long to wait for the first workers to come up.
         manifest_flush_s: how often the manifest is rewritten while chunks finish.
         chunk_delay_s: a throttle that makes every chunk take at least this long; for
@@ -51,7 +54,7 @@ class Settings(BaseSettings):
     timeout_factor: float = Field(10.0, gt=1.0)
     timeout_floor_s: float = Field(600.0, gt=0.0)
     load_timeout_s: float = Field(1800.0, ge=0.0)
-    queue_depth: int = Field(2, ge=1, le=16)
+    queue_depth: int = Field(1, ge=1, le=16)
     worker_start_timeout_s: float = Field(600.0, gt=0.0)
     manifest_flush_s: float = Field(2.0, ge=0.0)
     chunk_delay_s: float = Field(0.0, ge=0.0)
