@@ -29,6 +29,8 @@ class FamilyRule:
         gpu_s_per_frame_mp_step: cost model, GPU-seconds per frame per megapixel per step
             on one H100-class GPU (published figures, see ``docs``), plus ``gpu_s_load``.
         gpu_s_fixed: fixed GPU-seconds per call (text encoder, VAE, scheduling).
+        max_references: reference-to-video families: the most reference images (one per
+            character of a shot) one call takes; None when the family takes no references.
     """
 
     name: str
@@ -41,6 +43,7 @@ class FamilyRule:
     allowed: tuple[int, ...] | None = None
     default_steps: int = 30
     max_frames: int | None = None  # the longest chunk allowed (default: native_frames)
+    max_references: int | None = None
 
     @property
     def longest(self) -> int:
@@ -81,6 +84,11 @@ FAMILIES: dict[str, FamilyRule] = {
     "cogvideox": FamilyRule("cogvideox", 8, 49, 9, 16, 0.106, 5.0, default_steps=50),
     # Stable Video Diffusion (XT): trained on 14 (svd) or 25 (svd-xt) frames.
     "svd": FamilyRule("svd", 1, 25, 14, 8, 0.02, 2.0, allowed=(14, 25), default_steps=25),
+    # Wan 2.1 VACE (1.3B and 14B) reference-to-video: Wan's 4k+1 frames and 16 px multiples;
+    # costed as Wan 14B. Each reference is one more latent frame in every call; 3 subjects is
+    # the most VACE's reference-to-video task shows, and the limit a shot may ask for.
+    "wan_vace": FamilyRule("wan_vace", 4, 81, 5, 16, 0.23, 20.0, default_steps=30,
+                           max_references=3),
 }
 
 

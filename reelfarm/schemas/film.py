@@ -244,7 +244,7 @@ class DiffusersModel(_ModelCommon):
     """A diffusers image-to-video pipeline."""
 
     backend: Literal["diffusers"]
-    family: Literal["wan", "ltx", "cogvideox", "svd"]
+    family: Literal["wan", "ltx", "cogvideox", "svd", "wan_vace"]
     id: str = Field(..., min_length=1, description="hub id, local folder or fsspec URL")
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
     negative_prompt: str = ""
@@ -261,7 +261,7 @@ class DiffusersModel(_ModelCommon):
         # assuming 512 text tokens, CogVideoX takes its length from the model's config,
         # SVD reads no prompt. A value the model would ignore is refused, not dropped.
         default = type(self).model_fields["max_sequence_length"].default
-        fixed = {"wan": 512, "cogvideox": 226}.get(self.family)  # what the family's model takes
+        fixed = {"wan": 512, "wan_vace": 512, "cogvideox": 226}.get(self.family)  # what the family's model takes
         if self.family != "ltx" and self.max_sequence_length not in (default, fixed):
             raise ValueError(f"`max_sequence_length` is read by the ltx family only, not {self.family!r}"
                              + (f" (it takes {fixed} text tokens)" if fixed else "")
@@ -395,6 +395,21 @@ class Film(_Strict):
             problems = size_problems(self)
             if problems:
                 raise ValueError(problems[0][1])
+        return self
+
+    @model_validator(mode="after")
+    def _references_fit_model(self) -> Film:
+        # A reference-to-video model takes each character of a shot as one reference image,
+        # up to the number its family takes (FamilyRule.max_references).
+        for scene in self.scenes:
+            for shot in scene.shots:
+                rule = self.model_for(shot).rule()
+                limit = rule.max_references
+                if limit is not None and len(shot.characters) > limit:
+                    raise ValueError(
+                        f"shot {shot.id!r}: `characters` must name at most {limit} characters "
+                        f"for {rule.name} (one reference image each), got "
+                        f"{list(shot.characters)}")
         return self
 
     # --- derived values -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tiny random-weight image-to-video pipelines for the four diffusers families, built in code.
+"""Tiny random-weight image-to-video pipelines for the diffusers families, built in code.
 
 Nothing is fetched from a hub: every component is built from constructor arguments
 (``torch.manual_seed(0)`` before each one, ``.eval()`` on transformers models) and the
@@ -42,10 +42,10 @@ __all__ = [
 FAMILIES = ("wan", "ltx", "cogvideox", "svd")
 TINY_SIZE = 32  # pixels, square; CogVideoX's learned positional embeddings fix it at 32
 # Frames per chunk that obey each family's rule (families.py) at tiny scale.
-TINY_FRAMES = {"wan": 9, "ltx": 17, "cogvideox": 9, "svd": 14}
+TINY_FRAMES = {"wan": 9, "ltx": 17, "cogvideox": 9, "svd": 14, "wan_vace": 9}
 # Text lengths the tiny models need: Wan's attention splits image and text tokens assuming
 # 512 text tokens; CogVideoX's must equal `max_text_seq_length` of its transformer (16 here).
-TINY_TEXT = {"wan": 512, "ltx": 16, "cogvideox": 16, "svd": 226}
+TINY_TEXT = {"wan": 512, "ltx": 16, "cogvideox": 16, "svd": 226, "wan_vace": 512}
 _WORDS = "a the person cat candle flame moth talking dance to camera blurry night shelf".split()
 
 _saved: dict[str, Path] = {}
@@ -116,6 +116,37 @@ def _wan() -> Any:
         tokenizer=tok, text_encoder=text_encoder, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         image_processor=clip_processor(32), image_encoder=image_encoder, transformer=transformer,
+    )  # fmt: skip
+
+
+def _wan_vace() -> Any:
+    """Wan 2.1 VACE: the Wan text encoder and VAE, a transformer with VACE blocks, no CLIP."""
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanVACEPipeline,
+        WanVACETransformer3DModel,
+    )
+    from transformers import UMT5EncoderModel
+
+    tok = t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(_t5_config(len(tok), umt5=True)).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])  # fmt: skip
+    torch.manual_seed(0)
+    # vace_in_channels = 2 x 16 (inactive and reactive latents) + 64 (the 8 x 8 mask).
+    transformer = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        vace_layers=[0, 2], vace_in_channels=96,
+    )  # fmt: skip
+    return WanVACEPipeline(
+        tokenizer=tok, text_encoder=text_encoder, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer,
     )  # fmt: skip
 
 
@@ -250,7 +281,8 @@ def clip_processor(size: int) -> Any:
     return cls(crop_size=size, size=size)
 
 
-_BUILDERS = {"wan": _wan, "ltx": _ltx, "cogvideox": _cogvideox, "svd": _svd}
+_BUILDERS = {"wan": _wan, "ltx": _ltx, "cogvideox": _cogvideox, "svd": _svd,
+             "wan_vace": _wan_vace}
 
 
 def build_pipeline(family: str) -> Any:

@@ -43,6 +43,7 @@ RUNNERS: dict[str, str] = {
     "ltx": "reelfarm.render.diffusers.ltx:LTXRunner",
     "cogvideox": "reelfarm.render.diffusers.cogvideox:CogVideoXRunner",
     "svd": "reelfarm.render.diffusers.svd:SVDRunner",
+    "wan_vace": "reelfarm.render.diffusers.wan_vace:WanVACERunner",
 }
 # What an alpha reference is composited over before a CLIP encoder sees it.
 CLIP_BACKGROUND = (255, 255, 255)
@@ -414,7 +415,9 @@ class DiffusersBackend:
         """The shot's characters' conditioning, combined, on the device (memoised)."""
         runner = self._live()
         name = runner.identity_tensor
-        if not (self.precompute and name and shot.characters):
+        # A reference-to-video family takes the references on its stock path too.
+        stock_takes = getattr(runner, "references_in_stock", False)
+        if not ((self.precompute or stock_takes) and name and shot.characters):
             return None
         bundles = [identities[c] for c in shot.characters]
         if any(name not in b.tensors for b in bundles):

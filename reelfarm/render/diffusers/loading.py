@@ -63,6 +63,10 @@ FAMILY_PIPELINES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] 
         ("CogVideoXImageToVideoPipeline",),
         {"transformer": ("CogVideoXTransformer3DModel",), "vae": ("AutoencoderKLCogVideoX",)},
     ),
+    "wan_vace": (
+        ("WanVACEPipeline",),
+        {"transformer": ("WanVACETransformer3DModel",), "vae": ("AutoencoderKLWan",)},
+    ),
     "svd": (
         ("StableVideoDiffusionPipeline",),
         {"unet": ("UNetSpatioTemporalConditionModel",), "vae": ("AutoencoderKLTemporalDecoder",)},
@@ -243,7 +247,7 @@ def _dtypes(model: DiffusersModel) -> Any:
     import torch
 
     dtype = getattr(torch, model.dtype)
-    if model.family == "wan" and dtype != torch.float32:
+    if model.family in ("wan", "wan_vace") and dtype != torch.float32:
         # As Wan's model cards do: the VAE and the CLIP image encoder stay in float32.
         return {"default": dtype, "vae": torch.float32, "image_encoder": torch.float32}
     return dtype
