@@ -108,6 +108,7 @@ FAMILY_COSTS: dict[str, FamilyCost] = {
                       "measured on H200: 0.14 s/step, 1.3-1.5 s decode"),
     "svd": FamilyCost(3.04, 2.9, (1024, 576, 25), 15.0, True, "measured on H200: 3.04 s/step, 2.9 s decode"),
     "wan": _from_cost_model("wan", (832, 480, 81), 90.0),
+    "wan_vace": _from_cost_model("wan_vace", (832, 480, 81), 90.0),
     "cogvideox": _from_cost_model("cogvideox", (720, 480, 49), 40.0),
     "animatic": _from_cost_model("animatic", (1024, 576, 48), 0.0),
 }

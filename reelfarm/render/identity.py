@@ -45,6 +45,8 @@ def identity_doc(model: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {"cutout": ANIMATIC_VERSION, "max_side": REFERENCE_MAX_SIDE}
     if model.backend != "animatic":
         doc.update({k: getattr(model, k) for k in ("family", "id", "revision", "dtype")})
+    if getattr(model, "family", None) == "wan_vace":
+        doc["composite"] = "over white"  # how a reference with transparency is flattened for VACE
     return doc
 
 

@@ -104,3 +104,16 @@ def test_estimate_matches_measured_peak_of_a_tiny_pipeline_on_cpu() -> None:
     print(f"svd {size}px: measured {measured / 2**20:.0f} MiB, estimated {estimated / 2**20:.0f} MiB")
     assert 1 / FACTOR <= estimated / measured <= FACTOR
     assert estimated < GIB
+
+
+def test_wan_vace_has_a_memory_model_and_a_cost_above_wan():
+    from reelfarm.cluster.simulate import FAMILY_COSTS
+    from reelfarm.render.identity import identity_doc
+    from reelfarm.render.memory import estimate_gib
+    from reelfarm.schemas.film import DiffusersModel
+
+    wan = DiffusersModel(backend="diffusers", family="wan", id="org/wan")
+    vace = DiffusersModel(backend="diffusers", family="wan_vace", id="org/wan")
+    assert estimate_gib(vace, 832, 480, 81) > estimate_gib(wan, 832, 480, 81)
+    assert FAMILY_COSTS["wan_vace"].step_s > 0
+    assert identity_doc(vace)["composite"] == "over white" and "composite" not in identity_doc(wan)
