@@ -82,15 +82,11 @@ def _t5_config(vocab_size: int, *, umt5: bool) -> Any:
 # --- one builder per family ---------------------------------------------------------------
 
 
-def _wan() -> Any:
+def _wan_text_and_vae() -> tuple[Any, Any, Any]:
+    """The tokenizer, UMT5 text encoder and VAE every tiny Wan pipeline shares (seeded)."""
     import torch
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanImageToVideoPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5EncoderModel
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
 
     tok = t5_tokenizer()
     torch.manual_seed(0)
@@ -98,6 +94,19 @@ def _wan() -> Any:
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])  # fmt: skip
+    return tok, text_encoder, vae
+
+
+def _wan() -> Any:
+    import torch
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    tok, text_encoder, vae = _wan_text_and_vae()
     torch.manual_seed(0)
     # added_kv_proj_dim = the inner dim (2 x 12), as in Wan 2.1 I2V: the image tokens get their
     # own attention, split from the text at 512 tokens.
@@ -123,19 +132,12 @@ def _wan_vace() -> Any:
     """Wan 2.1 VACE: the Wan text encoder and VAE, a transformer with VACE blocks, no CLIP."""
     import torch
     from diffusers import (
-        AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
         WanVACEPipeline,
         WanVACETransformer3DModel,
     )
-    from transformers import UMT5EncoderModel
 
-    tok = t5_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(_t5_config(len(tok), umt5=True)).eval()
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])  # fmt: skip
+    tok, text_encoder, vae = _wan_text_and_vae()
     torch.manual_seed(0)
     # vace_in_channels = 2 x 16 (inactive and reactive latents) + 64 (the 8 x 8 mask).
     transformer = WanVACETransformer3DModel(
