@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from reelfarm import events
 from reelfarm.cluster.lease import Leases
 from reelfarm.cluster.manifest import ManifestGroup, ManifestWriter, utcnow
-from reelfarm.cluster.runtime import connect, node_slots
+from reelfarm.cluster.runtime import connect, draining_nodes, node_slots
 from reelfarm.cluster.scheduler import (
     ChunkCommitted,
     ChunkDone,
@@ -33,6 +33,7 @@ from reelfarm.cluster.scheduler import (
     Job,
     Kill,
     NodeDown,
+    NodeDraining,
     NodeUp,
     Requeue,
     Rules,
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 _RemoteWorker = ray.remote(ChunkWorker)
 NODE_SYNC_S = 5.0  # how often the cluster's nodes are read again during a render
 HELD_POLL_S = 1.0  # how often chunks another run holds are looked at
+DRAIN_POLL_S = 1.0  # how often Ray is asked which nodes it is draining
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
          ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
 
@@ -436,7 +438,7 @@ class _Run:
         for w in farm._alive():
             self._apply(sched.on(WorkerReady(w.wid, w.node_id, holds=w.model)))
         self._sync_nodes()
-        last_flush = last_sync = last_renew = last_held = time.monotonic()
+        last_flush = last_sync = last_renew = last_held = last_drain = time.monotonic()
         while not sched.finished:
             inflight = {q[0]: wid for wid, q in self.refs.items() if q and self.by_id[wid].alive}
             if not inflight:
@@ -458,6 +460,9 @@ class _Run:
             if sched.held and now - last_held >= HELD_POLL_S:
                 self._check_held()
                 last_held = now
+            if now - last_drain >= DRAIN_POLL_S:
+                self._check_draining()
+                last_drain = now
             if now - last_sync >= NODE_SYNC_S:
                 self._sync_nodes()
                 last_sync = now
@@ -552,6 +557,12 @@ class _Run:
         events.emit("worker_lost", run_id=self.manifest.run_id, worker=w.wid, error=type(cause).__name__)
         self._sync_nodes()  # a node that went away takes all its workers with it
         self._apply(self.sched.on(WorkerDown(w.wid, type(cause).__name__)))
+
+    def _check_draining(self) -> None:
+        """Nodes Ray is taking away get no new chunk (scheduler rule 8)."""
+        for node in sorted(draining_nodes() & set(self.sched.nodes) - self.sched.draining):
+            events.emit("node_draining", run_id=self.manifest.run_id, detail={"node": node})
+            self._apply(self.sched.on(NodeDraining(node)))
 
     def _sync_nodes(self) -> None:
         """Tell the scheduler which nodes can hold workers now (joins and losses)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import ray
 
-__all__ = ["ClusterInfo", "NodeSlots", "connect", "node_slots"]
+__all__ = ["ClusterInfo", "NodeSlots", "connect", "draining_nodes", "node_slots"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     )
     logger.info("ray: %s", info)
     return info
+
+
+def draining_nodes() -> set[str]:
+    """Nodes Ray is draining (spot preemption, scale-down), by hex id; empty where this Ray
+    cannot say."""
+    try:
+        from ray._private.state import state
+
+        return {str(n) for n in state.get_draining_nodes()}
+    except Exception:  # noqa: BLE001 - an older Ray, or the GCS busy: no drain news this time
+        return set()
 
 
 def node_slots(*, workers: int | None = None, exclude: set[str] | frozenset[str] = frozenset(),

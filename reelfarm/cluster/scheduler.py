@@ -24,6 +24,9 @@ Rules the scheduler keeps:
 7. One writer per chunk: a chunk whose lease another live run holds is parked (``ChunkHeld``)
    until that run commits it (``ChunkCommitted``: done here, not rendered) or lets the lease
    go (``ChunkReleased``: ready again). The adapter takes the leases (cluster/lease.py).
+8. A draining node (``NodeDraining``: spot preemption or scale-down with a deadline) gets
+   no new chunk and no new worker; its running chunks may finish, and a worker it loses
+   does not count against it.
 
 The same class drives the Ray farm (:mod:`reelfarm.cluster.farm` turns Ray futures into
 events and decisions into actor calls) and a simulator (a discrete-event clock). Time
@@ -60,6 +63,7 @@ __all__ = [
     "Job",
     "Kill",
     "NodeDown",
+    "NodeDraining",
     "NodeUp",
     "Requeue",
     "Rules",
@@ -153,6 +157,14 @@ class NodeDown:
 
 
 @dataclass(frozen=True)
+class NodeDraining:
+    """The cluster is taking a node away (spot preemption, scale-down) with a deadline: it
+    gets no new chunk and no new worker; what runs there may finish."""
+
+    node: str
+
+
+@dataclass(frozen=True)
 class WorkerReady:
     """A worker exists on ``node`` (started earlier, or in answer to a Spawn)."""
 
@@ -220,8 +232,8 @@ class Tick:
     """Time passed: check running chunks against their time limits."""
 
 
-Event = (NodeUp | NodeDown | WorkerReady | ChunkDone | ChunkFailed | WorkerDown | ChunkHeld | ChunkCommitted
-         | ChunkReleased | Tick)
+Event = (NodeUp | NodeDown | NodeDraining | WorkerReady | ChunkDone | ChunkFailed | WorkerDown | ChunkHeld
+         | ChunkCommitted | ChunkReleased | Tick)
 
 
 # --- decisions out ------------------------------------------------------------------------
@@ -353,6 +365,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._out: list[Decision] = []
         self._hungry: set[str] = set()  # alive workers with room in their queue
+        self.draining: set[str] = set()  # nodes being taken away: no new chunk, no new worker
         self._n_alive = 0
         self._n_queued = 0  # chunks queued on alive workers
         self._ranks = itertools.count()
@@ -424,6 +437,22 @@ class Scheduler:
                 self._lose(w, cause=WorkerLostError(f"{w.wid}: node {e.node} left the cluster"))
         self._fill_slots()
 
+    def _on_NodeDraining(self, e: NodeDraining) -> None:  # noqa: N802
+        if e.node in self.draining:
+            return
+        logger.warning("node %s is draining: no new chunk goes there", e.node)
+        self.draining.add(e.node)
+        for w in self.workers.values():
+            if w.node == e.node:
+                self._hungry.discard(w.wid)
+        self._spawning.pop(e.node, None)
+
+    def _feed(self, wid: str) -> None:
+        """``wid`` has room for a chunk: it may get one, unless its node is draining."""
+        w = self.workers.get(wid)
+        if w is not None and w.node not in self.draining:
+            self._hungry.add(wid)
+
     def _on_WorkerReady(self, e: WorkerReady) -> None:  # noqa: N802
         if self._spawning.get(e.node):
             self._spawning[e.node] -= 1
@@ -435,7 +464,7 @@ class Scheduler:
         self.workers[e.worker] = _Worker(e.worker, e.node, model=e.holds, started=e.holds is not None,
                                          rank=rank)
         self._n_alive += 1
-        self._hungry.add(e.worker)
+        self._feed(e.worker)
 
     def _on_ChunkDone(self, e: ChunkDone) -> None:  # noqa: N802
         head = self._pop_head(e.worker, e.key)
@@ -470,7 +499,8 @@ class Scheduler:
             return
         logger.warning("worker %s lost: %s", w.wid, e.reason)
         self._lose(w, cause=WorkerLostError(f"{w.wid}: {e.reason}" if e.reason else w.wid))
-        self._node_failed(w.node)
+        if w.node not in self.draining:  # a drained node going away is not its fault
+            self._node_failed(w.node)
         self._fill_slots()
 
     def _on_ChunkHeld(self, e: ChunkHeld) -> None:  # noqa: N802
@@ -483,7 +513,7 @@ class Scheduler:
         task.attempts -= 1  # never sent
         if w.alive:
             self._n_queued -= 1
-            self._hungry.add(w.wid)
+            self._feed(w.wid)
         if was_head:
             w.head_since = self.clock()
         self.held[e.key] = task
@@ -548,7 +578,7 @@ class Scheduler:
             return None
         task = w.queue.popleft()
         self._n_queued -= 1
-        self._hungry.add(wid)
+        self._feed(wid)
         w.head_since = self.clock()
         return w, task
 
@@ -791,7 +821,7 @@ class Scheduler:
             if w.alive:
                 have[w.node] = have.get(w.node, 0) + 1
         for node, (slots, gpu) in self.nodes.items():
-            if node in self.blocklist:
+            if node in self.blocklist or node in self.draining:
                 continue
             for _ in range(slots - have.get(node, 0) - self._spawning.get(node, 0)):
                 self._spawning[node] = self._spawning.get(node, 0) + 1

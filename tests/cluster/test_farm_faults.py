@@ -165,3 +165,37 @@ def test_cli_render_with_a_failed_shot_exits_1_and_keeps_the_rest(ray_cluster, t
     assert (out / "status.json").exists() and not (out / "final.mp4").exists()
     # No cut, but the good shot's clip is there for the editors.
     assert (out / "shots" / "s01_010.mp4").exists() and not (out / "shots" / "s01_020.mp4").exists()
+
+
+def test_a_drained_node_gets_no_new_chunk_after_the_drain(ray_cluster, tmp_path):
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    extra = ray_cluster.add_node(num_cpus=1, num_gpus=1)
+    ray_cluster.wait_for_nodes()
+    spec = write_film(tmp_path / "spec")
+    plan = plan_film(load_film(spec))
+    store = ChunkStore(str(tmp_path / "out"))
+    try:
+        with Farm(store, Settings(chunk_delay_s=0.5, manifest_flush_s=0.0)) as farm:
+            manifest = ManifestWriter(store, plan, "r1", flush_s=0.0)
+            thread, box = _run_in_thread(lambda: farm.render(plan, manifest))
+            _wait_for(lambda: any(r.node == extra.node_id and r.status == "running" for r in manifest.rows))
+            # Spot preemption notice: Ray's drain API with a deadline two minutes out.
+            gcs = ray._raylet.GcsClient(address=ray_cluster.address)
+            accepted, why = gcs.drain_node(extra.node_id, autoscaler_pb2.DrainNodeReason.Value(
+                "DRAIN_NODE_REASON_PREEMPTION"), "spot preemption drill", int(time.time() * 1000) + 120_000)
+            assert accepted, why
+            drained_at = time.time()
+            thread.join(180)
+            summary = box["result"]
+    finally:
+        ray_cluster.remove_node(extra, allow_graceful=False)
+    assert summary.ok, summary.failed
+    assert sorted(summary.rendered) == sorted(c.key for c in plan.chunks)
+    on_extra = [r for r in manifest.rows if r.node == extra.node_id]
+    assert on_extra, "the extra node rendered before the drain"
+    # The farm polls Ray's drain list every second: nothing started there after that.
+    late = [r.chunk_name for r in on_extra if r.started_at.timestamp() > drained_at + 1.5]
+    assert not late, late
+    assert extra.node_id not in summary.blocklisted

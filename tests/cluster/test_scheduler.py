@@ -313,3 +313,25 @@ def test_rule7_our_own_commit_found_on_retry_counts_as_rendered_once():
     s.on(ChunkHeld("w2", "a"))  # the retry finds the lost worker's commit
     s.on(ChunkCommitted("a", ours=True))
     assert s.finished and s.rendered == ["a"] and s.elsewhere == []
+
+
+def test_rule8_a_draining_node_gets_no_new_chunk_nor_worker_and_its_loss_is_not_its_fault():
+    from reelfarm.cluster.scheduler import NodeDraining
+
+    jobs = [single(f"c{i}") for i in range(6)]
+    s = Scheduler(jobs, Rules(queue_depth=1, node_failure_limit=1), clock=Clock())
+    s.on(NodeUp("n1", slots=1))
+    s.on(NodeUp("n2", slots=1))
+    s.on(WorkerReady("a", "n1"))
+    s.on(WorkerReady("b", "n2"))
+    running = s.running()
+    assert s.on(NodeDraining("n1")) == []
+    out = s.on(ChunkDone("a", running["a"]))  # the running chunk finishes...
+    assert submits(out) == []  # ...and nothing new goes to the draining node
+    out = s.on(WorkerDown("a", "preempted"))
+    assert Spawn("n1") not in out and "n1" not in s.blocklist  # not replaced, not blamed
+    while not s.finished:
+        wid, key = next(iter(s.running().items()))
+        assert wid == "b"
+        s.on(ChunkDone(wid, key))
+    assert sorted(s.rendered) == sorted(j.key for j in jobs)
