@@ -177,7 +177,7 @@ def test_a_drained_node_gets_no_new_chunk_after_the_drain(ray_cluster, tmp_path)
     plan = plan_film(load_film(spec))
     store = ChunkStore(str(tmp_path / "out"))
     try:
-        with Farm(store, Settings(chunk_delay_s=0.5, manifest_flush_s=0.0)) as farm:
+        with Farm(store, Settings(chunk_delay_s=3.0, manifest_flush_s=0.0)) as farm:
             manifest = ManifestWriter(store, plan, "r1", flush_s=0.0)
             thread, box = _run_in_thread(lambda: farm.render(plan, manifest))
             _wait_for(lambda: any(r.node == extra.node_id and r.status == "running" for r in manifest.rows))
@@ -195,7 +195,10 @@ def test_a_drained_node_gets_no_new_chunk_after_the_drain(ray_cluster, tmp_path)
     assert sorted(summary.rendered) == sorted(c.key for c in plan.chunks)
     on_extra = [r for r in manifest.rows if r.node == extra.node_id]
     assert on_extra, "the extra node rendered before the drain"
-    # The farm polls Ray's drain list every second: nothing started there after that.
+    # The farm polls Ray's drain list every second; chunks hold their worker 3 s, so without
+    # the drain the node's worker would start its next chunk about 3 s after the notice.
     late = [r.chunk_name for r in on_extra if r.started_at.timestamp() > drained_at + 1.5]
     assert not late, late
+    after = [r for r in manifest.rows if r.started_at and r.started_at.timestamp() > drained_at + 1.5]
+    assert after, "chunks still started elsewhere after the drain (else the test proves nothing)"
     assert extra.node_id not in summary.blocklisted
