@@ -101,7 +101,22 @@ class WanPrecomputedPipeline(WanImageToVideoPipeline):
         return latents, condition.to(device)
 
 
-class WanRunner(FamilyRunner):
+class WanGeometry:
+    """Frame and size rules every Wan 2.x runner shares: the VAE's compression and the
+    transformer's spatial patch."""
+
+    pipe: Any
+
+    @property
+    def temporal_ratio(self) -> int:
+        return self.pipe.vae_scale_factor_temporal
+
+    @property
+    def spatial_multiple(self) -> int:
+        return self.pipe.vae_scale_factor_spatial * self.pipe.transformer.config.patch_size[1]
+
+
+class WanRunner(WanGeometry, FamilyRunner):
     family: ClassVar[str] = "wan"
     identity_tensor: ClassVar[str | None] = "clip_hidden"
     identity_combine: ClassVar[str] = "concat"
@@ -123,14 +138,6 @@ class WanRunner(FamilyRunner):
     @property
     def has_clip(self) -> bool:
         return bool(self.pipe.image_encoder is not None and self.pipe.transformer.config.image_dim)
-
-    @property
-    def temporal_ratio(self) -> int:
-        return self.pipe.vae_scale_factor_temporal
-
-    @property
-    def spatial_multiple(self) -> int:
-        return self.pipe.vae_scale_factor_spatial * self.pipe.transformer.config.patch_size[1]
 
     # --- identity --------------------------------------------------------------------
     def encode_reference(self, image: Image.Image) -> torch.Tensor | None:

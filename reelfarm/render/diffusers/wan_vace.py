@@ -41,7 +41,7 @@ from diffusers.pipelines.wan.pipeline_wan_vace import retrieve_latents
 
 from reelfarm.render.diffusers.backend import CLIP_BACKGROUND
 from reelfarm.render.diffusers.family import FamilyRunner, SampleJob, image_key
-from reelfarm.render.diffusers.wan import WAN_TEXT_TOKENS, WanRunner
+from reelfarm.render.diffusers.wan import WAN_TEXT_TOKENS, WanGeometry, WanRunner
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -98,7 +98,7 @@ class WanVACEPrecomputedPipeline(WanVACEPipeline):
         return torch.stack([latent])
 
 
-class WanVACERunner(FamilyRunner):
+class WanVACERunner(WanGeometry, FamilyRunner):
     family: ClassVar[str] = "wan_vace"
     identity_tensor: ClassVar[str | None] = "vace_reference"
     identity_combine: ClassVar[str] = "references"  # one reference image per character
@@ -114,14 +114,6 @@ class WanVACERunner(FamilyRunner):
             raise self.bad("the pipeline has no `transformer`")
         if self.pipe.transformer_2 is not None or self.pipe.config.boundary_ratio is not None:
             raise self.bad("two-transformer (Wan 2.2) VACE is not supported, only Wan 2.1 VACE")
-
-    @property
-    def temporal_ratio(self) -> int:
-        return self.pipe.vae_scale_factor_temporal
-
-    @property
-    def spatial_multiple(self) -> int:
-        return self.pipe.vae_scale_factor_spatial * self.pipe.transformer.config.patch_size[1]
 
     # --- identity --------------------------------------------------------------------
     def encode_reference(self, image: Image.Image) -> torch.Tensor | None:
