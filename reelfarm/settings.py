@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from reelfarm.render.checkpoints import CheckpointPolicy
 
 __all__ = ["Settings"]
 
@@ -36,6 +39,12 @@ class Settings(BaseSettings):
         lease_ttl_s: life of a chunk's lease (one writer per chunk); a run renews the leases
             of its chunks in flight every third of it, and a lease not renewed for this long
             (its run died) is taken over.
+        checkpoint_every: save a chunk's sampler state every this many steps, so a chunk
+            cut short resumes elsewhere with only its remaining steps; 0 never; unset: by
+            chunk cost, about one per ``checkpoint_interval_s`` of estimated GPU time
+            (render/checkpoints.py). Models with a step cache are not checkpointed.
+        checkpoint_interval_s: GPU seconds between checkpoints when ``checkpoint_every`` is
+            unset (120 s: the notice a spot instance gets).
         storage_options: fsspec options for OUT (e.g. an S3 endpoint and keys).
         allowed_read_roots: folders and URL prefixes (``s3://studio-refs/``,
             ``https://cdn.example.com/refs/``) a spec may read references, audio and a base
@@ -59,9 +68,17 @@ class Settings(BaseSettings):
     manifest_flush_s: float = Field(2.0, ge=0.0)
     chunk_delay_s: float = Field(0.0, ge=0.0)
     lease_ttl_s: float = Field(60.0, gt=1.0)
+    checkpoint_every: int | None = Field(None, ge=0)
+    checkpoint_interval_s: float = Field(120.0, gt=0.0)
     # Excluded from dumps: credentials never become Prefect flow parameters (stored in its DB).
     storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
     allowed_read_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    def checkpoint_policy(self) -> CheckpointPolicy:
+        """The workers' mid-chunk checkpoint policy."""
+        from reelfarm.render.checkpoints import CheckpointPolicy
+
+        return CheckpointPolicy(every=self.checkpoint_every, interval_s=self.checkpoint_interval_s)
 
     @field_validator("allowed_read_roots", mode="before")
     @classmethod

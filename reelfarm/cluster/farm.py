@@ -88,6 +88,7 @@ class RenderSummary:
     blocklisted: set[str] = field(default_factory=set)
     model_loads: int = 0
     identity_encodes: int = 0
+    steps_saved: int = 0  # sampling steps resumed past from mid-chunk checkpoints
 
     @property
     def ok(self) -> bool:
@@ -211,7 +212,8 @@ class Farm:
             "max_task_retries": 0,
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
         }
-        handle = _RemoteWorker.options(**opts).remote(wid, self.settings.chunk_delay_s)
+        handle = _RemoteWorker.options(**opts).remote(wid, self.settings.chunk_delay_s,
+                                                      self.settings.checkpoint_policy())
         w = _Worker(wid=wid, node_id=node_id, handle=handle, gpus=int(gpu))
         self.workers.append(w)
         self.stats.workers_started += 1
@@ -534,11 +536,13 @@ class _Run:
             return
         if reply.loaded:
             self.farm.stats.model_loads += 1
+        self.summary.steps_saved += reply.steps_saved
         self.summary.nodes_used.add(w.node_id)
         self.summary.workers_used.add(wid)
         self.manifest.update(key, status="done", worker=reply.worker, node=w.node_id, finished_at=utcnow(),
                              render_s=round(reply.render_s, 4), output_url=reply.record.url,
-                             checksum=reply.record.checksum, error=None, **reply.qc)
+                             checksum=reply.record.checksum, error=None, steps_saved=reply.steps_saved,
+                             **reply.qc)
         self._announce("chunk_done", key, worker=wid, seconds=round(reply.render_s, 4))
         self._apply(self.sched.on(ChunkDone(wid, key, seconds=reply.render_s)))
         self.leases.release(key)

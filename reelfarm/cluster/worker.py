@@ -30,6 +30,7 @@ from reelfarm.errors import (
     RenderError,
     StoreError,
 )
+from reelfarm.render.checkpoints import CheckpointPolicy
 from reelfarm.render.identity import IdentityBundle
 from reelfarm.schemas.film import AnimaticModel, DiffusersModel
 from reelfarm.schemas.plan import ChunkPlan, ShotPlan
@@ -66,6 +67,7 @@ class RenderReply:
     # Manifest columns this chunk fills (identity_score, continuity_score, take, takes,
     # qc_flag, scores); the same dict is in the chunk's sidecar under "qc".
     qc: dict[str, Any] = field(default_factory=dict)
+    steps_saved: int = 0  # sampling steps its takes resumed past (mid-chunk checkpoints)
 
 
 def _decode_reference(data: bytes) -> np.ndarray:
@@ -81,11 +83,14 @@ class ChunkWorker:
     Args:
         worker_id: a name for logs and the manifest (``node-2/gpu-0``).
         chunk_delay_s: minimum seconds per chunk, a throttle for demos and failure drills.
+        checkpoints: how often a chunk's sampler state is saved (render/checkpoints.py).
     """
 
-    def __init__(self, worker_id: str, chunk_delay_s: float = 0.0) -> None:
+    def __init__(self, worker_id: str, chunk_delay_s: float = 0.0,
+                 checkpoints: CheckpointPolicy | None = None) -> None:
         self.worker_id = worker_id
         self.chunk_delay_s = chunk_delay_s
+        self.checkpoint_policy = checkpoints or CheckpointPolicy()
         self.node = socket.gethostname()
         self._backend: Any = None
         self._backend_key: str | None = None
@@ -181,11 +186,14 @@ class ChunkWorker:
         history: list[dict[str, Any]] = []
         best: tuple[tuple[bool, float, float], int, Any, Any, list[str]] | None = None
         render_s = 0.0
+        steps: list[Any] = []  # each take's checkpoints, deleted once the chunk commits
         for take in range(1, allowed + 1):
             seed = take_seed(chunk.seed, take)
             take_chunk = chunk if take == 1 else chunk.model_copy(update={"seed": seed})
             ts = time.perf_counter()
-            out = self._render_take(shot, take_chunk, bundles, condition)
+            ckpt = self._checkpoints(shot, take_chunk, store, chunk.key if take == 1 else take_key(chunk.key, take))
+            steps.append(ckpt)
+            out = self._render_take(shot, take_chunk, bundles, condition, ckpt)
             render_s += time.perf_counter() - ts
             scores = self._score(shot, chunk, out, bundles, condition)
             identity = scores.identity(policy.metric if policy is not None else "region")
@@ -229,16 +237,27 @@ class ChunkWorker:
             "qc": qc,
         }
         record = store.write_chunk(chunk.key, out, meta=meta)
+        for ckpt in steps:
+            if ckpt is not None:
+                ckpt.clear()
         t4 = time.perf_counter()
         return RenderReply(record=record, worker=self.worker_id, node=self.node, pid=os.getpid(),
                            render_s=t4 - t0, loaded=loaded,
                            timings={"load_s": t1 - t0, "render_s": render_s, "write_s": t4 - t3},
-                           take=take, takes=len(history), qc=qc)
+                           take=take, takes=len(history), qc=qc,
+                           steps_saved=sum(c.resumed_from for c in steps if c is not None))
+
+    def _checkpoints(self, shot: ShotPlan, chunk: ChunkPlan, store: ChunkStore, key: str) -> Any:
+        """The take's mid-chunk checkpoints, where the backend samples in steps."""
+        make = getattr(self._backend, "step_checkpoints", None)
+        return None if make is None else make(store, key, shot, chunk, self.checkpoint_policy)
 
     def _render_take(self, shot: ShotPlan, chunk: ChunkPlan, bundles: dict[str, IdentityBundle],
-                     condition: Any) -> Any:
+                     condition: Any, checkpoints: Any = None) -> Any:
         """One backend call, its failures classified (and pickle-safe)."""
         try:
+            if checkpoints is not None:
+                return self._backend(shot, chunk, bundles, condition, checkpoints=checkpoints)
             return self._backend(shot, chunk, bundles, condition)
         except FarmError:
             raise

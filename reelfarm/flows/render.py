@@ -104,6 +104,7 @@ def run_summary(result: RunResult) -> dict[str, Any]:
         "failed_shots": dict(s.failed_shots),
         "model_loads": s.model_loads,
         "identity_encodes": s.identity_encodes,
+        "steps_saved": s.steps_saved,
         "nodes_used": len(s.nodes_used),
         "outputs": result.outputs,
     }
@@ -307,6 +308,7 @@ def _status_doc(result: RunResult) -> dict[str, Any]:
         "shots": result.shot_report(),
         "model_loads": result.summary.model_loads,
         "identity_encodes": result.summary.identity_encodes,
+        "steps_saved": result.summary.steps_saved,
         "blocklisted_nodes": sorted(result.summary.blocklisted),
         "outputs": result.outputs,
         "finished_at": datetime.now(timezone.utc).isoformat(),

@@ -45,7 +45,7 @@ THUMB_WIDTH = 192
 COLUMNS = 6
 LABEL_H = 16
 _MANIFEST_COLUMNS = ("shot_id", "content_key", "status", "attempts", "worker", "node",
-                     "render_s", "est_gpu_s", "error")
+                     "render_s", "est_gpu_s", "error", "steps_saved")
 
 
 def thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH) -> np.ndarray:
@@ -95,11 +95,12 @@ def manifest_summary(plan: RenderPlan, manifest: pa.Table | None) -> tuple[dict,
     version of an edited shot are left out).
 
     Returns:
-        ``(shots, workers)``: shot id -> {actual_s, retries, chunks, failed, errors};
+        ``(shots, workers)``: shot id -> {actual_s, retries, chunks, failed, errors,
+        steps_saved (sampling steps resumed past from mid-chunk checkpoints)};
         worker -> {node, chunks, render_s}.
     """
     shots: dict[str, dict[str, Any]] = {
-        s.shot_id: {"actual_s": None, "retries": 0, "chunks": 0, "failed": 0, "errors": []}
+        s.shot_id: {"actual_s": None, "retries": 0, "chunks": 0, "failed": 0, "errors": [], "steps_saved": 0}
         for s in plan.shots}
     workers: dict[str, dict[str, Any]] = {}
     if manifest is None or manifest.num_rows == 0:
@@ -116,6 +117,7 @@ def manifest_summary(plan: RenderPlan, manifest: pa.Table | None) -> tuple[dict,
         if render_s is not None and not math.isnan(render_s):
             row["actual_s"] = (row["actual_s"] or 0.0) + float(render_s)
         row["retries"] += max(int(cols["attempts"][i] or 0) - 1, 0)
+        row["steps_saved"] += int(cols["steps_saved"][i] or 0)
         if cols["status"][i] == "failed":
             row["failed"] += 1
         if cols["error"][i]:
@@ -265,6 +267,9 @@ def _tiles(plan: RenderPlan, shot_rows: dict, points: Sequence[Any], usage: Mapp
         (f"{flagged} of {len(points)}", f"seams above {SEAM_WARN:g}", flagged > 0),
         (f"{100 * busy / window:.0f}%" if window else "&ndash;", f"farm busy, {len(usage)} workers", False),
     ]
+    saved = sum(r["steps_saved"] for r in shot_rows.values())
+    if saved:  # chunks cut short (a lost node, a killed worker) that resumed mid-chunk
+        tiles.append((str(saved), "sampling steps resumed from checkpoints", False))
     return ['<div class="tiles">'] + [
         f'<div class="tile{" bad" if bad else ""}"><strong>{value}</strong><span>{label}</span></div>'
         for value, label, bad in tiles] + ["</div>"]

@@ -28,6 +28,8 @@ __all__ = [
 MANIFEST_VERSION = 1
 # Columns added with quality control; a manifest without them reads back with nulls.
 QC_COLUMNS = frozenset({"identity_score", "continuity_score", "take", "takes", "qc_flag", "scores"})
+# Columns added later; a manifest without them reads back with nulls too.
+LATER_COLUMNS = QC_COLUMNS | {"steps_saved"}
 ChunkStatus = Literal["planned", "running", "done", "cached", "failed"]
 
 MANIFEST_SCHEMA = pa.schema(
@@ -65,6 +67,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("takes", pa.int32()),
         pa.field("qc_flag", pa.string()),
         pa.field("scores", pa.string()),
+        # Mid-chunk checkpoints (render.checkpoints): sampling steps not run again.
+        pa.field("steps_saved", pa.int32()),
     ],
     metadata={b"reelfarm.manifest_version": str(MANIFEST_VERSION).encode()},
 )
@@ -107,6 +111,7 @@ class ManifestRow(BaseModel):
     takes: int | None = None  # takes rendered for this chunk
     qc_flag: str | None = None  # why the committed take misses the qc policy; None passes
     scores: str | None = None  # JSON: sampled frames, per-character scores, takes and why
+    steps_saved: int | None = None  # sampling steps a checkpoint spared this chunk
 
 
 def plan_rows(plan: RenderPlan, run_id: str) -> list[ManifestRow]:
@@ -124,7 +129,7 @@ def plan_rows(plan: RenderPlan, run_id: str) -> list[ManifestRow]:
                 worker=None, node=None, started_at=None, finished_at=None, render_s=None,
                 output_url=None, checksum=None, seam_score=None, error=None,
                 identity_score=None, continuity_score=None, take=None, takes=None,
-                qc_flag=None, scores=None,
+                qc_flag=None, scores=None, steps_saved=None,
             ))
     return rows
 
@@ -143,7 +148,7 @@ def table_to_rows(table: pa.Table) -> list[ManifestRow]:
     """Read rows back (e.g. for resume). Unknown columns are refused."""
     names = set(table.column_names)
     expected = {f.name for f in MANIFEST_SCHEMA}
-    for name in sorted((expected - names) & QC_COLUMNS):  # a manifest written before qc
+    for name in sorted((expected - names) & LATER_COLUMNS):  # written before these existed
         table = table.append_column(MANIFEST_SCHEMA.field(name), pa.nulls(len(table), MANIFEST_SCHEMA.field(name).type))
         names.add(name)
     if names != expected:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from reelfarm.cluster.farm import Farm
-from reelfarm.cluster.manifest import ManifestWriter
+from reelfarm.cluster.manifest import ManifestWriter, read_manifest
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.flows.plan import plan_film
 from reelfarm.schemas.loader import load_film
@@ -51,3 +52,57 @@ def test_tiny_wan_film_renders_on_the_farm(tmp_path):
         assert again.ok and again.model_loads == 0
         for c in plan.chunks:
             np.testing.assert_array_equal(other.read_frames(c.key), store.read_frames(c.key))
+
+
+def test_a_chunk_killed_after_a_checkpoint_resumes_on_another_worker(tmp_path):
+    """The render that died wrote its checkpoint at step 2 of 4 into OUT (here in this test's
+    process); the farm's worker (another process) resumes it, runs 2 steps, and commits the
+    frames an uninterrupted render makes. Its checkpoints are gone once it commits."""
+    from reelfarm.cluster.worker import _decode_reference
+    from reelfarm.render.base import load_backend
+    from reelfarm.render.checkpoints import StepCheckpoints
+    from reelfarm.render.review import manifest_summary
+
+    try:
+        from tests.render.test_checkpoints import Killed, KilledAfter
+    except ImportError:  # pragma: no cover - depends on how pytest set sys.path
+        from test_checkpoints import Killed, KilledAfter  # type: ignore[no-redef]
+
+    model = {"backend": "diffusers", "family": "ltx", "id": str(tp.saved_model_dir("ltx")),
+             "steps": 4, "dtype": "float32", "max_sequence_length": 16, "chunk_frames": 9,
+             "overlap": 1}
+    shots = [{"id": "s01_010", "frames": 9, "prompt": "a candle flame", "characters": ["flame"]}]
+    spec = write_film(tmp_path / "spec", shots=shots, characters=("flame",), resolution=[32, 32],
+                      model=model)
+    plan = plan_film(load_film(spec))
+    shot, chunk = plan.shots[0], plan.shots[0].chunks[0]
+    store = ChunkStore(str(tmp_path / "a"))
+
+    be = load_backend(shot.model)
+    data = (tmp_path / "spec" / "refs" / "flame.png").read_bytes()
+    ids = {"flame": be.encode_identity("flame", _decode_reference(data), shot.character_hashes[0])}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the farm's 1-CPU workers: float sums depend on the split
+    try:
+        with pytest.raises(Killed):
+            be(shot, chunk, ids, checkpoints=KilledAfter(store, chunk.key, 4, every=1, kill_at=2))
+    finally:
+        torch.set_num_threads(threads)
+        be.close()
+    assert StepCheckpoints(store, chunk.key, 4, every=1).load().step == 2
+
+    with Farm(store, Settings(manifest_flush_s=0.0, checkpoint_every=1)) as farm:
+        resumed = farm.render(plan, ManifestWriter(store, plan, "r1"))
+        assert resumed.ok, resumed.failed
+        side = store.read_sidecar(chunk.key)["checkpoints"]
+        assert (side["resumed_from_step"], side["steps_run"]) == (2, 2) and resumed.steps_saved == 2
+        assert not (tmp_path / "a" / "checkpoints" / chunk.key).exists()
+        shot_rows, _ = manifest_summary(plan, read_manifest(store, "r1"))
+        assert shot_rows[shot.shot_id]["steps_saved"] == 2  # the report's count
+
+        other = ChunkStore(str(tmp_path / "b"))  # the same chunk, never interrupted
+        farm.store = other
+        whole = farm.render(plan, ManifestWriter(other, plan, "r2"))
+        assert whole.ok and whole.steps_saved == 0
+        assert other.read_sidecar(chunk.key)["checkpoints"]["steps_run"] == 4
+        np.testing.assert_array_equal(store.read_frames(chunk.key), other.read_frames(chunk.key))

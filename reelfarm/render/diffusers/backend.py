@@ -29,9 +29,11 @@ from reelfarm.render.identity import IdentityBundle, identity_key, reference_rgb
 if TYPE_CHECKING:
     from PIL import Image
 
+    from reelfarm.render.checkpoints import CheckpointPolicy, StepCheckpoints
     from reelfarm.render.diffusers.family import FamilyRunner, SampleJob
     from reelfarm.schemas.film import AnimaticModel, DiffusersModel
     from reelfarm.schemas.plan import ChunkPlan, ShotPlan
+    from reelfarm.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +242,13 @@ class DiffusersBackend:
         chunk: ChunkPlan,
         identities: dict[str, IdentityBundle],
         condition: Condition | None = None,
+        *,
+        checkpoints: StepCheckpoints | None = None,
     ) -> ChunkOutput:
         """Render ``chunk`` of ``shot``: exactly ``chunk.num_frames`` frames.
+
+        Given ``checkpoints`` (see :meth:`step_checkpoints`), the chunk resumes from its last
+        usable checkpoint and saves new ones as it samples (render/checkpoints.py).
 
         Raises:
             BackendError: the chunk, its shot or its inputs do not fit the loaded model.
@@ -261,8 +268,7 @@ class DiffusersBackend:
                 self._prepare_accel(job)
                 t1 = time.perf_counter()
                 # 3. Sample to latents; the noise comes from a CPU generator seeded per chunk
-                generator = torch.Generator("cpu").manual_seed(chunk.seed)
-                latents = runner.sample(job, generator, precompute=self.precompute)
+                latents, generator = self._sample(job, chunk, checkpoints)
                 decode_state = generator.get_state()
                 t2 = time.perf_counter()
         except torch.cuda.OutOfMemoryError:
@@ -294,11 +300,55 @@ class DiffusersBackend:
             "start": start, "precompute": self.precompute, "offload": self.offload,
             "vae_tiling": self.vae_tiling, "versions": _versions(), "accel": dict(self.accel),
             "fit": None if self.fit is None else vars(self.fit),
+            "checkpoints": None if checkpoints is None else checkpoints.summary(),
             # prepare: checks, start image, identity; sample: the encoders the memo did not
             # hold, then the denoising loop; decode: the VAE.
             "stage_s": {"prepare": t1 - t0, "sample": t2 - t1, "decode": t3 - t2},
         }  # fmt: skip
         return ChunkOutput(frames=frames, latents=chunk_latents, meta=meta)
+
+    def _sample(
+        self, job: SampleJob, chunk: ChunkPlan, checkpoints: StepCheckpoints | None
+    ) -> tuple[Any, Any]:
+        """Denoise to latents; returns them and the generator (the decode draws from it)."""
+        import torch
+
+        from reelfarm.render.diffusers.resume import CheckpointMismatch, StepHooks
+
+        runner = self._live()
+        if checkpoints is None:
+            generator = torch.Generator("cpu").manual_seed(chunk.seed)
+            return runner.sample(job, generator, precompute=self.precompute), generator
+        for resume in (True, False):
+            checkpoints.steps_run = 0
+            generator = torch.Generator("cpu").manual_seed(chunk.seed)
+            hooks = StepHooks(runner.pipe, checkpoints, generator, resume=resume)
+            try:
+                with hooks:
+                    runner.call_hooks = hooks.call_kwargs
+                    latents = runner.sample(job, generator, precompute=self.precompute)
+            except CheckpointMismatch as err:  # raised before any resumed step ran
+                checkpoints.reject(hooks.offset, str(err))
+                continue
+            finally:
+                runner.call_hooks = {}
+            checkpoints.resumed_from = hooks.offset
+            return latents, generator
+        raise AssertionError("unreachable: a render from step 0 never mismatches")
+
+    def step_checkpoints(
+        self, store: Location, key: str, shot: ShotPlan, chunk: ChunkPlan, policy: CheckpointPolicy
+    ) -> StepCheckpoints | None:
+        """The checkpoints of ``chunk`` (stored under ``key``), or None when it has none:
+        the policy says none for its cost, or a step cache keeps state between steps that a
+        checkpoint does not hold (resume.py)."""
+        from reelfarm.render.checkpoints import StepCheckpoints
+
+        model = shot.model
+        if model.backend != "diffusers" or model.accel.cache is not None:
+            return None
+        steps = model.steps or model.rule().default_steps
+        return StepCheckpoints(store, key, steps, policy.every_for(steps, chunk.est_gpu_s))
 
     def _check(
         self, shot: ShotPlan, chunk: ChunkPlan, identities: dict[str, IdentityBundle]

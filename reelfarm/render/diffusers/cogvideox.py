@@ -139,6 +139,7 @@ class CogVideoXRunner(FamilyRunner):
             height=job.height, width=job.width, num_frames=job.num_frames,
             num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
             generator=generator, output_type="latent", max_sequence_length=self.text_length,
+            **self.call_hooks,
         )  # fmt: skip
 
     def sample_precomputed(self, job: SampleJob, generator: torch.Generator) -> Any:

@@ -116,6 +116,9 @@ class FamilyRunner:
         self.memo = Memo()
         self.low_memory = False
         self.decode_chunk: int | None = None  # frames per VAE decode, where the family has it
+        # Extra pipeline-call arguments for the next sample (step callbacks: resume.py);
+        # every family's ``_common`` passes them on.
+        self.call_hooks: dict[str, Any] = {}
 
     # --- loading ---------------------------------------------------------------------
     @classmethod

@@ -80,6 +80,7 @@ class LTXRunner(FamilyRunner):
             frame_rate=float(job.fps), num_inference_steps=job.steps,
             guidance_scale=job.guidance_scale, generator=generator, output_type="latent",
             max_sequence_length=self.model.max_sequence_length,
+            **self.call_hooks,
         )  # fmt: skip
 
     def sample_precomputed(self, job: SampleJob, generator: torch.Generator) -> Any:

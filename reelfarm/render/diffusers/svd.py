@@ -104,6 +104,7 @@ class SVDRunner(FamilyRunner):
             max_guidance_scale=job.guidance_scale, fps=max(1, round(float(job.fps))),
             motion_bucket_id=MOTION_BUCKET_ID, noise_aug_strength=NOISE_AUG_STRENGTH,
             generator=generator, output_type="latent",
+            **self.call_hooks,
         )  # fmt: skip
 
     def sample_stock(self, job: SampleJob, generator: torch.Generator) -> Any:

@@ -180,6 +180,7 @@ class WanVACERunner(WanGeometry, FamilyRunner):
             height=job.height, width=job.width, num_frames=job.num_frames,
             num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
             generator=generator, output_type="latent", max_sequence_length=WAN_TEXT_TOKENS,
+            **self.call_hooks,
         )  # fmt: skip
 
     def sample_stock(self, job: SampleJob, generator: torch.Generator) -> Any:
