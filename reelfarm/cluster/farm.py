@@ -54,7 +54,8 @@ from reelfarm.settings import Settings
 __all__ = ["Farm", "FarmStats", "RenderSummary"]
 
 logger = logging.getLogger(__name__)
-_RemoteWorker = ray.remote(ChunkWorker)
+# One chunk at a time (the default group); "control" calls (checkpoint_now) run beside it.
+_RemoteWorker = ray.remote(concurrency_groups={"control": 1})(ChunkWorker)
 NODE_SYNC_S = 5.0  # how often the cluster's nodes are read again during a render
 HELD_POLL_S = 1.0  # how often chunks another run holds are looked at
 DRAIN_POLL_S = 1.0  # how often Ray is asked which nodes it is draining
@@ -563,10 +564,16 @@ class _Run:
         self._apply(self.sched.on(WorkerDown(w.wid, type(cause).__name__)))
 
     def _check_draining(self) -> None:
-        """Nodes Ray is taking away get no new chunk (scheduler rule 8)."""
+        """Nodes Ray is taking away get no new chunk (scheduler rule 8). Their running chunks
+        go on (most end before the deadline) and save a checkpoint at their next step end:
+        if the node goes first, the chunk resumes elsewhere from there (render/checkpoints.py)."""
         for node in sorted(draining_nodes() & set(self.sched.nodes) - self.sched.draining):
             events.emit("node_draining", run_id=self.manifest.run_id, detail={"node": node})
             self._apply(self.sched.on(NodeDraining(node)))
+            for wid in self.sched.running():
+                w = self.by_id.get(wid)
+                if w is not None and w.node_id == node:
+                    w.handle.checkpoint_now.remote()  # fire and forget: the node may go first
 
     def _sync_nodes(self) -> None:
         """Tell the scheduler which nodes can hold workers now (joins and losses)."""

@@ -14,12 +14,14 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 
 from reelfarm.cluster.store import ChunkRecord, ChunkStore
 from reelfarm.errors import (
@@ -91,6 +93,9 @@ class ChunkWorker:
         self.worker_id = worker_id
         self.chunk_delay_s = chunk_delay_s
         self.checkpoint_policy = checkpoints or CheckpointPolicy()
+        # Set from the farm (another thread: the "control" concurrency group) when this
+        # worker's node is draining: the running chunk checkpoints at its next step end.
+        self._checkpoint_now = threading.Event()
         self.node = socket.gethostname()
         self._backend: Any = None
         self._backend_key: str | None = None
@@ -125,6 +130,14 @@ class ChunkWorker:
             "model_loads": self.model_loads,
             "identity_encodes": self.identity_encodes,
         }
+
+    @ray.method(concurrency_group="control")
+    def checkpoint_now(self) -> bool:
+        """Ask the running chunk to save a checkpoint at its next step end (its node is being
+        drained: if the node goes before the chunk ends, it resumes elsewhere from there).
+        Runs beside ``render`` (see ``Farm``: the actor's "control" concurrency group)."""
+        self._checkpoint_now.set()
+        return True
 
     def _ensure(self, model: AnimaticModel | DiffusersModel) -> bool:
         """Load ``model`` unless it is the one held. Returns True when it loaded."""
@@ -250,7 +263,10 @@ class ChunkWorker:
     def _checkpoints(self, shot: ShotPlan, chunk: ChunkPlan, store: ChunkStore, key: str) -> Any:
         """The take's mid-chunk checkpoints, where the backend samples in steps."""
         make = getattr(self._backend, "step_checkpoints", None)
-        return None if make is None else make(store, key, shot, chunk, self.checkpoint_policy)
+        ckpt = None if make is None else make(store, key, shot, chunk, self.checkpoint_policy)
+        if ckpt is not None:
+            ckpt.requested = self._checkpoint_now
+        return ckpt
 
     def _render_take(self, shot: ShotPlan, chunk: ChunkPlan, bundles: dict[str, IdentityBundle],
                      condition: Any, checkpoints: Any = None) -> Any:

@@ -137,8 +137,12 @@ class StepCheckpoints:
         self.every = every
         self.resumed_from = 0
         self.saved = 0
+        self.on_request = 0  # checkpoints saved because one was requested
         self.steps_run = 0
         self.ignored: list[str] = []  # why a found checkpoint was not used
+        # Set by someone else (the worker, when its node is draining): save at the next step
+        # end whatever ``every`` says. A ``threading.Event`` or anything with is_set/clear.
+        self.requested: Any = None
 
     @property
     def folder(self) -> str:
@@ -148,8 +152,15 @@ class StepCheckpoints:
         return f"{self.folder}/step-{step:05d}.pt"
 
     def due(self, step: int) -> bool:
-        """Whether to save after ``step`` steps (never after the last: the chunk commits)."""
-        return self.every > 0 and step < self.steps and step % self.every == 0
+        """Whether to save after ``step`` steps (never after the last: the chunk commits):
+        every ``every`` steps, and once after each request."""
+        if step >= self.steps:
+            return False
+        if self.requested is not None and self.requested.is_set():
+            self.requested.clear()
+            self.on_request += 1
+            return True
+        return self.every > 0 and step % self.every == 0
 
     def _steps_found(self) -> list[int]:
         fs = self.store.fs
@@ -216,4 +227,5 @@ class StepCheckpoints:
         """The sidecar's ``checkpoints`` entry."""
         return {"every": self.every, "resumed_from_step": self.resumed_from,
                 "steps_run": self.steps_run, "steps_saved": self.resumed_from,
-                "saved": self.saved, "ignored": list(self.ignored)}  # fmt: skip
+                "saved": self.saved, "on_request": self.on_request,
+                "ignored": list(self.ignored)}  # fmt: skip

@@ -106,3 +106,36 @@ def test_a_chunk_killed_after_a_checkpoint_resumes_on_another_worker(tmp_path):
         assert whole.ok and whole.steps_saved == 0
         assert other.read_sidecar(chunk.key)["checkpoints"]["steps_run"] == 4
         np.testing.assert_array_equal(store.read_frames(chunk.key), other.read_frames(chunk.key))
+
+
+def test_a_worker_on_a_draining_node_checkpoints_its_running_chunk_when_asked(tmp_path):
+    """``checkpoint_now`` (what the farm calls for the workers of a draining node) runs beside
+    the render, in the actor's control group, and the chunk saves one checkpoint at its next
+    step end although its policy says none."""
+    import ray
+
+    from reelfarm.cluster.farm import _RemoteWorker
+    from reelfarm.render.checkpoints import CheckpointPolicy
+
+    model = {"backend": "diffusers", "family": "ltx", "id": str(tp.saved_model_dir("ltx")),
+             "steps": 40, "dtype": "float32", "max_sequence_length": 16, "chunk_frames": 9,
+             "overlap": 1}
+    shots = [{"id": "s01_010", "frames": 9, "prompt": "a candle flame", "characters": ["flame"]}]
+    spec = write_film(tmp_path / "spec", shots=shots, characters=("flame",), resolution=[32, 32],
+                      model=model)
+    plan = plan_film(load_film(spec))
+    shot, chunk = plan.shots[0], plan.shots[0].chunks[0]
+    store = ChunkStore(str(tmp_path / "out"))
+    worker = _RemoteWorker.options(num_cpus=1).remote("drill/cpu-0", 0.0, CheckpointPolicy(every=0))
+    try:
+        data = (tmp_path / "spec" / "refs" / "flame.png").read_bytes()
+        bundle = worker.encode_identity.remote(shot.model, "flame", data, shot.character_hashes[0],
+                                               "f" * 16, store)
+        reply = worker.render.remote(shot, chunk, store, ["flame"], bundle)
+        assert ray.get(worker.checkpoint_now.remote(), timeout=60)  # not queued behind the render
+        ray.get(reply, timeout=300)
+        side = store.read_sidecar(chunk.key)["checkpoints"]
+        assert (side["every"], side["saved"], side["on_request"]) == (0, 1, 1)
+        assert side["steps_run"] == 40 and not (tmp_path / "out" / "checkpoints" / chunk.key).exists()
+    finally:
+        ray.kill(worker)
