@@ -33,34 +33,44 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # tests/render/tiny_pipelines.py has the in-code tokenizers
     sys.path.insert(0, str(ROOT))
 
-FAMILIES = ("ltx", "svd", "cogvideox", "wan")  # cheapest first: unused time rolls over
+FAMILIES = ("ltx", "svd", "wan_vace", "cogvideox", "wan")  # cheapest first: unused time rolls over
+# The default run: the four families of the 10-minute window (issue 11). Wan VACE 1.3B is
+# measured in a window of its own (``--families wan_vace --budget 180``): a fifth family
+# in the same 540 s would leave Wan 14B too few steps for its caches to act.
+DEFAULT_FAMILIES = ("ltx", "svd", "cogvideox", "wan")
 GEOMETRY = {  # family -> scale -> (width, height, frames)
     "wan": {"full": (832, 480, 81), "small": (480, 272, 33), "tiny": (32, 32, 9)},
+    "wan_vace": {"full": (832, 480, 81), "small": (480, 272, 33), "tiny": (32, 32, 9)},
     "ltx": {"full": (768, 512, 121), "small": (512, 352, 41), "tiny": (32, 32, 17)},
     "cogvideox": {"full": (720, 480, 49), "small": (352, 240, 25), "tiny": (32, 32, 9)},
     "svd": {"full": (1024, 576, 25), "small": (512, 288, 14), "tiny": (32, 32, 14)},
 }
-DTYPE = {"wan": "bfloat16", "ltx": "bfloat16", "cogvideox": "bfloat16", "svd": "float16"}
-NATIVE_FPS = {"wan": 16, "ltx": 24, "cogvideox": 8, "svd": 7}  # the models' own frame rates
-DEFAULT_STEPS = {"wan": 40, "ltx": 40, "cogvideox": 50, "svd": 25}  # schemas/families.py
+DTYPE = {"wan": "bfloat16", "wan_vace": "bfloat16", "ltx": "bfloat16", "cogvideox": "bfloat16",
+         "svd": "float16"}
+NATIVE_FPS = {"wan": 16, "wan_vace": 16, "ltx": 24, "cogvideox": 8, "svd": 7}  # the models' own
+DEFAULT_STEPS = {"wan": 40, "wan_vace": 30, "ltx": 40, "cogvideox": 50, "svd": 25}  # families.py
 # Same step count for stock and every variant; caches need room to skip (issue 11).
-MIN_STEPS = {"wan": 8, "ltx": 8, "cogvideox": 8, "svd": 4}
+MIN_STEPS = {"wan": 8, "wan_vace": 8, "ltx": 8, "cogvideox": 8, "svd": 4}
 # Expected costs (seconds) for splitting a budget and for --dry-run, before anything is
 # measured: build, cold prepare (encoders), one sampling step (CFG on), one decode.
 # full/cuda: LTX and SVD measured on the H200 (notes/gpu-benchmark-machine.md); Wan and
 # CogVideoX from schemas/families.py's H100 figures (5 min / 40 steps, 90 s / 50 steps) plus
-# guesses for their VAEs. tiny/cpu: measured on the 2-core VM.
+# guesses for their VAEs; Wan VACE 1.3B a guess: a tenth of Wan 14B's step plus its 15
+# VACE blocks, Wan's VAE (it also encodes the conditioning video and the references).
+# tiny/cpu: measured on the 2-core VM.
 PRIOR = {
-    "full": {"wan": (30, 25, 7.5, 25), "ltx": (15, 3, 0.14, 1.5),
+    "full": {"wan": (30, 25, 7.5, 25), "wan_vace": (12, 20, 1.3, 25), "ltx": (15, 3, 0.14, 1.5),
              "cogvideox": (15, 6, 1.8, 15), "svd": (8, 2, 3.0, 3.0)},
-    "small": {"wan": (8, 4, 0.5, 4), "ltx": (6, 1, 0.05, 0.5),
+    "small": {"wan": (8, 4, 0.5, 4), "wan_vace": (4, 3, 0.1, 4), "ltx": (6, 1, 0.05, 0.5),
               "cogvideox": (6, 2, 0.2, 3), "svd": (4, 1, 0.5, 1)},
-    "tiny": {"wan": (2, 0.5, 0.08, 0.4), "ltx": (1.5, 0.3, 0.05, 0.2),
-             "cogvideox": (2, 0.3, 0.07, 0.2), "svd": (2, 0.5, 2.0, 0.5)},
+    "tiny": {"wan": (2, 0.5, 0.08, 0.4), "wan_vace": (2, 0.5, 0.08, 0.4),
+             "ltx": (1.5, 0.3, 0.05, 0.2), "cogvideox": (2, 0.3, 0.07, 0.2),
+             "svd": (2, 0.5, 2.0, 0.5)},
 }  # fmt: skip
-REBUILD = {"full": {"wan": 8.0, "ltx": 1.5, "cogvideox": 3.0, "svd": 1.5},
-           "small": {"wan": 2.0, "ltx": 1.0, "cogvideox": 1.0, "svd": 1.0},
-           "tiny": {"wan": 0.1, "ltx": 0.1, "cogvideox": 0.1, "svd": 0.3}}  # a denoiser alone
+REBUILD = {"full": {"wan": 8.0, "wan_vace": 2.0, "ltx": 1.5, "cogvideox": 3.0, "svd": 1.5},
+           "small": {"wan": 2.0, "wan_vace": 1.0, "ltx": 1.0, "cogvideox": 1.0, "svd": 1.0},
+           "tiny": {"wan": 0.1, "wan_vace": 0.1, "ltx": 0.1, "cogvideox": 0.1,
+                    "svd": 0.3}}  # a denoiser alone
 CORE_OPTIONS = 3  # options a family's share is sized for; more run if time is left
 STARTUP_S = 12.0  # a fresh interpreter importing torch, diffusers, transformers, reelfarm
 ATTENTION = ("cudnn", "efficient", "flash", "flash3", "sage", "flex")
@@ -81,7 +91,7 @@ def options(family: str) -> list[tuple[str, dict[str, Any]]]:
     for kind in ("mag", "taylorseer", "first_block", "faster"):
         if family in CACHE_FAMILIES[kind]:
             out.append((f"cache={kind}", {"cache": {"kind": kind}}))
-    if family in ("wan", "ltx"):  # the others' attention skips diffusers' dispatcher
+    if family in ("wan", "wan_vace", "ltx"):  # the others' attention skips the dispatcher
         out += [(f"attention={k}", {"attention": k}) for k in ATTENTION]
     out.append(("weights=fp8", {"weights": "fp8"}))
     if family != "svd":
@@ -228,6 +238,37 @@ def build_wan(b: Builder, dtype: Any, denoiser_only: bool = False) -> Any:
     )  # fmt: skip
 
 
+def build_wan_vace(b: Builder, dtype: Any, denoiser_only: bool = False) -> Any:
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanVACEPipeline,
+        WanVACETransformer3DModel,
+    )
+
+    from tests.render.tiny_pipelines import t5_tokenizer
+
+    # Wan-AI/Wan2.1-VACE-1.3B-diffusers transformer/config.json (diffusers' conversion
+    # script): 30 Wan blocks, a VACE block beside every second one, no image encoder.
+    transformer = b(lambda: WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+        num_layers=b.layers(30, 4), cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6, rope_max_seq_len=1024,
+        vace_layers=list(range(0, b.layers(30, 4), 2)), vace_in_channels=96,
+    ), dtype)  # fmt: skip
+    if denoiser_only:
+        return transformer
+    return WanVACEPipeline(
+        tokenizer=t5_tokenizer(512), text_encoder=_text_encoder(b, True, dtype),
+        vae=b(lambda: AutoencoderKLWan(), torch.float32),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                          use_flow_sigmas=True, flow_shift=3.0),
+        transformer=transformer,
+    )  # fmt: skip
+
+
 def build_ltx(b: Builder, dtype: Any, denoiser_only: bool = False) -> Any:
     from diffusers import (
         AutoencoderKLLTXVideo,
@@ -319,7 +360,8 @@ def build_svd(b: Builder, dtype: Any, denoiser_only: bool = False) -> Any:
     )  # fmt: skip
 
 
-BUILDERS = {"wan": build_wan, "ltx": build_ltx, "cogvideox": build_cogvideox, "svd": build_svd}
+BUILDERS = {"wan": build_wan, "wan_vace": build_wan_vace, "ltx": build_ltx,
+            "cogvideox": build_cogvideox, "svd": build_svd}
 
 
 def parameter_counts(pipe: Any) -> dict[str, float]:
