@@ -32,16 +32,18 @@ own dynamics, which random weights do not have, so they run on a fixed schedule 
 Families: ``wan`` Wan2.1-I2V-14B-480P 832x480x81 bf16 (VAE, CLIP fp32), ``cogvideox``
 CogVideoX-5B-I2V 720x480x49 bf16, ``ltx`` LTX-Video 2B 0.9.0 768x512x121 bf16, ``svd``
 SVD-XT 1024x576x25 fp16; on request (``--families wan_vace``, its own window) ``wan_vace``
-Wan2.1-VACE-1.3B 832x480x81 bf16 with the shot's characters as reference images. ``--scale tiny --device cpu`` runs tests/render/tiny_pipelines.py's
-pipelines through the very same code (what was verified here: every family, every option
-that runs on CPU, the planner, the per-family processes and the time limit); ``--scale
-small`` keeps the widths with fewer layers. ``--dry-run`` prints the plan for a budget without
-building anything; ``--params`` builds every family on the meta device and prints parameter
-counts (checked here: Wan 22.8 B, its transformer 16.4 B; Wan VACE 1.3B 8.0 B, its
-transformer 2.15 B with the VACE blocks; LTX 1.9 B; CogVideoX 5.6 B; SVD's UNet 1.5 B). **Not verified without a GPU**: the full-size runs, CUDA-event timing, the CUDA
-attention kernels, fp8 and regional compile on CUDA, group offload with streams, and whether
-the step counts chosen actually fit the window (the priors for Wan and CogVideoX are
-estimates). Without CUDA (and without ``--device cpu``) it prints "skipped" and exits 0.
+Wan2.1-VACE-1.3B 832x480x81 bf16 with the shot's characters as reference images.
+``--scale tiny --device cpu`` runs tests/render/tiny_pipelines.py's pipelines through the
+very same code (what was verified here: every family, every option that runs on CPU, the
+planner, the per-family processes and the time limit); ``--scale small`` keeps the widths
+with fewer layers. ``--dry-run`` prints the plan for a budget without building anything;
+``--params`` builds every family on the meta device and prints parameter counts (checked
+here: Wan 22.8 B, its transformer 16.4 B; Wan VACE 1.3B 8.0 B, its transformer 2.15 B with
+the VACE blocks; LTX 1.9 B; CogVideoX 5.6 B; SVD's UNet 1.5 B). **Not verified without a
+GPU**: the full-size runs, CUDA-event timing, the CUDA attention kernels, fp8 and regional
+compile on CUDA, group offload with streams, and whether the step counts chosen actually
+fit the window (the priors for Wan and CogVideoX are estimates). Without CUDA (and without
+``--device cpu``) it prints "skipped" and exits 0.
 
 Writes ``<out-dir>/gpu_backends_<device>_<scale>.{md,json}``.
 """
