@@ -26,7 +26,10 @@ from reelfarm import events
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.schemas.plan import RenderPlan, ShotPlan
 
-__all__ = ["KeyframeSummary", "keyframe_shots", "read_keyframe", "render_keyframes"]
+__all__ = ["KEYFRAME_SHEET", "KeyframeSummary", "keyframe_shots", "keyframe_sheet", "keyframes_only",
+           "read_keyframe", "render_keyframes"]
+
+KEYFRAME_SHEET = "keyframes.png"  # OUT/keyframes.png (OUT/<cell>/keyframes.png): `reelfarm keyframes`
 
 logger = logging.getLogger(__name__)
 
@@ -171,3 +174,54 @@ def render_keyframes(plans: list[RenderPlan], store: ChunkStore, *, storage_opti
                 len(summary.rendered), len(summary.pinned), len(summary.cached), summary.model_loads,
                 summary.seconds)
     return summary
+
+
+def keyframe_sheet(plan: RenderPlan, store: ChunkStore, storage_options: dict[str, Any] | None = None) -> bytes:
+    """A contact sheet (PNG) of the first frame every shot starts from, for approval.
+
+    A shot with a keyframe shows it as committed (label ``<shot> model`` or ``<shot> pin``);
+    any other shot shows the animatic keyframe it starts from (``<shot> animatic``).
+    """
+    import io
+
+    from reelfarm.render import review
+    from reelfarm.render.keyframes import collage, decode_image
+
+    options = storage_options if storage_options is not None else dict(store.storage_options or {})
+    images: dict[str, Any] = {}
+    tiles = []
+    for shot in plan.shots:
+        frame = read_keyframe(store, shot)
+        if frame is not None:
+            tiles.append((f"{shot.shot_id} {shot.keyframe.source}", review.thumbnail(frame)))  # type: ignore[union-attr]
+            continue
+        for name in shot.characters:
+            url = plan.references[name]
+            if url not in images:
+                images[url] = decode_image(_read(url, options), f"the reference of character {name!r} ({url})")
+        frame = collage(shot, {n: images[plan.references[n]] for n in shot.characters})
+        tiles.append((f"{shot.shot_id} animatic", review.thumbnail(frame)))
+    buf = io.BytesIO()
+    review.contact_sheet(tiles).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def keyframes_only(cells: list[tuple[str, RenderPlan]], out_url: str, storage_options: dict[str, Any] | None = None,
+                   *, isolate: bool = True) -> tuple[KeyframeSummary, dict[str, str]]:
+    """``reelfarm keyframes``: every keyframe storage lacks, then a sheet per cell; no chunk.
+
+    Keyframes are committed to the chunk store at ``out_url`` under their content keys, so a
+    later ``reelfarm render`` into the same OUT finds them and renders none again.
+
+    Returns:
+        The stage's summary, and cell -> URL of its ``keyframes.png``.
+    """
+    from reelfarm.storage import Location
+
+    store = ChunkStore(out_url, storage_options=storage_options)
+    summary = render_keyframes([p for _, p in cells], store, storage_options=storage_options, isolate=isolate)
+    sheets = {}
+    for cell, plan in cells:
+        where = Location(out_url.rstrip("/") + (f"/{cell}" if cell else ""), storage_options=storage_options)
+        sheets[cell] = where.write_bytes_atomic(KEYFRAME_SHEET, keyframe_sheet(plan, store, storage_options))
+    return summary, sheets

@@ -31,8 +31,10 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -376,8 +378,10 @@ class Shot(_Strict):
     seed: int | None = Field(None, ge=0, lt=2**63)
     model: ModelSpec | None = Field(None, description="this shot's model; the loader merges it")
     qc: QcPolicy | None = Field(None, description="this shot's quality policy (replaces the film's)")
-    keyframe: Keyframe | Literal["animatic"] | None = Field(
-        None, description="this shot's first frame (over the film's); `animatic` keeps the animatic's")
+    keyframe: Annotated[
+        Annotated[Keyframe, Tag("keyframe")] | Annotated[Literal["animatic"], Tag("animatic")],
+        Discriminator(lambda v: "animatic" if isinstance(v, str) else "keyframe"),
+    ] | None = Field(None, description="this shot's first frame (over the film's); `animatic` keeps the animatic's")
 
     @field_validator("frames")
     @classmethod
