@@ -376,6 +376,7 @@ def keyframes(
     out: Annotated[str, typer.Option("--out", "-o", help="output location: folder or fsspec URL")],
     storage_option: StorageOpt = None,
     allow_read: AllowReadOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the summary as one JSON line on stdout")] = False,
 ) -> None:
     """Render only the shots' keyframes and a contact sheet of them (OUT/keyframes.png).
 
@@ -393,6 +394,9 @@ def keyframes(
                                          settings.storage_options)
     except FarmError as e:
         raise _fail(e, code=1) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"kind": "keyframes", **summary.to_doc(), "sheets": sheets}) + "\n")
+        return
     t = Table()
     t.add_column("keyframes")
     t.add_column("count", justify="right")
