@@ -138,7 +138,8 @@ def render_keyframes(plans: list[RenderPlan], store: ChunkStore, *, storage_opti
     summary = KeyframeSummary()
     todo: list[tuple[ShotPlan, dict[str, str]]] = []
     for key, (shot, refs) in keyframe_shots(plans).items():
-        if key not in (force or set()) and store.is_complete(key):
+        # Checksummed (one frame: cheap): a keyframe gone bad is made again, not handed on.
+        if key not in (force or set()) and store.is_complete(key, verify=True):
             summary.cached.append(key)
         else:
             todo.append((shot, refs))

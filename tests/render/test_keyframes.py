@@ -24,6 +24,7 @@ from tests.render import tiny_pipelines as tp
 
 SIZE = 32
 KONTEXT = {"family": "flux_kontext", "steps": tk.KONTEXT_STEPS, "dtype": "float32", "max_sequence_length": 16}
+EXPECTED = [[139, 122, 133], [118, 125, 135], [120, 142, 167]]  # keyframe of s01_020 at (0, 0), (16, 16), (31, 31)
 SHOTS = [
     {"id": "s01_010", "frames": 9, "prompt": "a candle flame at night", "characters": ["flame"]},
     {"id": "s01_020", "frames": 9, "prompt": "a moth meets the flame", "characters": ["flame", "moth"],
@@ -65,6 +66,8 @@ def test_kontext_composes_the_keyframe_from_the_collage_and_prompt(tmp_path, kon
     frame = renderer(shot, image)
     assert frame.shape == (SIZE, SIZE, 3) and frame.dtype == np.uint8
     np.testing.assert_array_equal(frame, renderer(shot, image))  # same seed, same pixels
+    # Pinned values (recorded on this CPU build), so a silent change in the path fails loudly.
+    np.testing.assert_allclose(frame[[0, 16, 31], [0, 16, 31]].astype(int), EXPECTED, atol=2)
     assert not np.array_equal(frame, image)  # composed by the model, not the collage passed through
     # Another prompt (the shot's own, in its keyframe plan) or another start image: other pixels.
     other = shot.model_copy(update={"keyframe": shot.keyframe.model_copy(update={"prompt": "a dark night"})})
@@ -262,6 +265,28 @@ def test_a_bad_pinned_keyframe_names_the_shot_field_and_value(tmp_path, case):
                    "roots; allow it with `allowed_read_roots` (REELFARM_ALLOWED_READ_ROOTS), got '../pin.png'",
     }[case]
     assert issue == where + expected
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    ("bogus", "keyframe: Input should be 'animatic', got 'bogus'"),
+    ("{model: {family: flux_kontext}}", "keyframe.model.id: missing field `id`"),
+    ("{prompt: hi}", "keyframe: give exactly one of `model` (an image-editing pipeline) or `pin` (an image file)"),
+    ("{pin: a.png, prompt: x}", "keyframe: a pinned keyframe is used as given: `prompt` is for a keyframe `model`"),
+    ("{model: {family: flux_kontxt, id: a/b}}",
+     "keyframe.model.family: Input should be 'flux_kontext', got 'flux_kontxt'; did you mean 'flux_kontext'?"),
+])
+def test_keyframe_block_errors(tmp_path, written, expected):
+    path = _spec(tmp_path, HEAD + f"""\
+    scenes:
+      - id: s01
+        shots:
+          - id: s01_010
+            frames: 9
+            prompt: a flame
+            characters: [flame]
+            keyframe: {written}
+    """)
+    assert _issues(path) == [f"{path}:14 scenes[0].shots[0].{expected}"]
 
 
 def test_keyframes_where_they_cannot_be_used(tmp_path):
