@@ -301,9 +301,9 @@ KEYFRAME_PIPELINES = {"flux_kontext": "FluxKontextPipeline"}  # family -> diffus
 _KEYFRAME_NOT_YET = {
     "qwen_image_edit_plus": (
         "`qwen_image_edit_plus` (QwenImageEditPlusPipeline, several images) is not supported yet: "
-        "its Qwen2.5-VL text encoder and processor have no tiny offline test build here, so "
-        "reelfarm cannot test it; use `flux_kontext` (one image: the animatic collage of the "
-        "references)"),
+        "its Qwen2VLProcessor cannot be built without torchvision in the installed transformers "
+        "(it requires a video processor), so reelfarm can neither load nor test it; use "
+        "`flux_kontext` (one image: the animatic collage of the references)"),
 }
 
 
