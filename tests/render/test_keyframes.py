@@ -16,7 +16,7 @@ from reelfarm.errors import BackendError, SpecError
 from reelfarm.flows.keyframes import keyframe_sheet, render_keyframes
 from reelfarm.flows.plan import plan_film
 from reelfarm.render.keyframes import KeyframeRenderer, collage, decode_image
-from reelfarm.schemas.film import KeyframeModel
+from reelfarm.schemas.film import Film, KeyframeModel
 from reelfarm.schemas.loader import load_film
 from tests.films import write_film
 from tests.render import tiny_kontext as tk
@@ -136,7 +136,9 @@ def _pin_film(folder: Path, pixels: np.ndarray, *, name: str = "pin.png", **extr
 
 def test_a_pinned_keyframe_is_used_as_given(tmp_path):
     pixels = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    plan = plan_film(load_film(_pin_film(tmp_path / "spec", pixels)))
+    film = load_film(_pin_film(tmp_path / "spec", pixels))
+    assert Film.model_validate_json(film.model_dump_json()) == film  # film.json, read back by resume
+    plan = plan_film(film)
     kf = plan.shot("s01_010").keyframe
     assert kf.source == "pin" and kf.pin_sha256
     store = ChunkStore(str(tmp_path / "out"))
