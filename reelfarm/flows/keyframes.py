@@ -24,6 +24,7 @@ from typing import Any
 
 from reelfarm import events
 from reelfarm.cluster.store import ChunkStore
+from reelfarm.errors import BackendError
 from reelfarm.schemas.plan import RenderPlan, ShotPlan
 
 __all__ = ["KEYFRAME_SHEET", "KeyframeSummary", "keyframe_shots", "keyframe_sheet", "keyframes_only",
@@ -99,7 +100,13 @@ def _compose(root: str, storage_options: dict[str, Any], jobs: list[tuple[ShotPl
     images: dict[str, Any] = {}
     for group in by_model.values():
         model = group[0][0].keyframe.model  # type: ignore[union-attr]
-        renderer = KeyframeRenderer.load(model)  # type: ignore[arg-type]
+        try:
+            renderer = KeyframeRenderer.load(model)  # type: ignore[arg-type]
+        except BackendError as e:  # say which shots and which field, not only which model
+            shots = ", ".join(repr(s.shot_id) for s, _ in group)
+            mid = model.id  # type: ignore[union-attr]
+            raise BackendError(f"shot{'s' * (len(group) > 1)} {shots}: `keyframe.model.id` {mid!r} "
+                               f"cannot be loaded: {e}") from None
         loads += 1
         try:
             for shot, refs in group:

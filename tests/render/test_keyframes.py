@@ -82,6 +82,18 @@ def test_a_video_pipeline_folder_is_not_a_keyframe_model(tmp_path):
         KeyframeRenderer.load(model, device="cpu")
 
 
+def test_a_keyframe_model_that_cannot_be_loaded_names_the_shots_before_any_chunk(tmp_path, kontext, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    film = _film(tmp_path, kontext, keyframe={"model": {**KONTEXT, "id": "studio/no-such-kontext"}})
+    store = ChunkStore(str(tmp_path / "out"))
+    with pytest.raises(BackendError, match=r"^shots 's01_010', 's01_020': `keyframe.model.id` "
+                                           r"'studio/no-such-kontext' cannot be loaded: model "
+                                           r"`studio/no-such-kontext` \(family `flux_kontext`\) is not a local "
+                                           r"folder and is not reachable on the hub"):
+        render_keyframes([plan_film(film)], store, isolate=False)
+    assert not list((tmp_path / "out").rglob("COMMIT.json"))
+
+
 # --- content keys --------------------------------------------------------------------------------
 def test_keyframe_keys_follow_what_composes_them(tmp_path, kontext):
     base = plan_film(_film(tmp_path / "a", kontext))
