@@ -24,7 +24,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     name="reelfarm",
-    help="Render AI films on a Ray cluster: validate, plan, render, resume.",
+    help="Render AI films on a Ray cluster: validate, plan, keyframes, render, resume.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -255,6 +255,8 @@ def _print_run(summary: dict) -> None:
     for k in ("chunks", "rendered", "cached", "failed", "model_loads", "identity_encodes", "nodes_used"):
         if k in summary:
             t.add_row(k.replace("_", " "), str(summary[k]))
+    for k, v in (summary.get("keyframes") or {}).items():
+        t.add_row(f"keyframes {k.replace('_', ' ')}", str(v))
     console.print(t)
     for shot, err in (summary.get("failed_shots") or {}).items():
         err_console.print(f"[red]shot {escape(shot)} failed:[/] {escape(str(err))}", highlight=False)
@@ -366,6 +368,43 @@ def render(
         settings = settings.model_copy(update={"allowed_read_roots": [*settings.allowed_read_roots, *allow_read]})
     job = RunJob.from_loaded(_load(spec, allow_read), out, spec)  # bad input: exit 2 before Prefect or Ray
     raise typer.Exit(_run(job, settings, prefect, spec=spec, as_json=as_json))
+
+
+@app.command()
+def keyframes(
+    spec: Annotated[str, typer.Argument(help="film or campaign spec: path or fsspec URL")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output location: folder or fsspec URL")],
+    storage_option: StorageOpt = None,
+    allow_read: AllowReadOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the summary as one JSON line on stdout")] = False,
+) -> None:
+    """Render only the shots' keyframes and a contact sheet of them (OUT/keyframes.png).
+
+    Approve them before the night's render: `reelfarm render SPEC --out OUT` into the same
+    OUT reuses every keyframe made here (content keys) and renders none of them again.
+    """
+    from reelfarm.flows.keyframes import keyframes_only
+    from reelfarm.flows.plan import plan_film
+    from reelfarm.flows.render import RunJob
+
+    settings = _settings(None, None, None, storage_option, None)
+    job = RunJob.from_loaded(_load(spec, allow_read), out, spec)  # bad input: exit 2, nothing made
+    try:
+        summary, sheets = keyframes_only([(cell, plan_film(film)) for cell, film in job.cells], out,
+                                         settings.storage_options)
+    except FarmError as e:
+        raise _fail(e, code=1) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"kind": "keyframes", **summary.to_doc(), "sheets": sheets}) + "\n")
+        return
+    t = Table()
+    t.add_column("keyframes")
+    t.add_column("count", justify="right")
+    for k, v in summary.to_doc().items():
+        t.add_row(k.replace("_", " "), str(v))
+    console.print(t)
+    for cell, url in sheets.items():
+        console.print(f"  {cell + ': ' if cell else ''}{url}", highlight=False, markup=False)
 
 
 @app.command()

@@ -300,10 +300,18 @@ class ChunkWorker:
         return score_chunk(shot, chunk, out.frames, bundles, policy, condition=condition, embedder=embedder)
 
     def _condition(self, shot: ShotPlan, chunk: ChunkPlan, store: ChunkStore):
-        """The previous chunk's tail, read from storage, for a chained chunk."""
-        if not chunk.depends_on:
-            return None
+        """The previous chunk's tail, read from storage, for a chained chunk; for a chunk that
+        starts from the shot's keyframe, that keyframe (made by the keyframe stage), if any."""
         from reelfarm.render.base import Condition
+
+        if not chunk.depends_on:
+            if shot.keyframe is None:
+                return None
+            try:
+                return Condition(image=store.read_frames(shot.keyframe.key)[0])
+            except StoreError as e:  # not a dependency the farm can render: the stage makes it
+                raise BackendError(f"{chunk.name}: the keyframe of shot {shot.shot_id!r} is not readable "
+                                   f"(the keyframe stage commits it before any chunk): {e}") from None
 
         prev = store.read_frames(chunk.depends_on)
         return Condition(image=prev[shot.continuation_frame(chunk)],

@@ -1,7 +1,7 @@
 """Prefect flows: films, campaigns and resumes, recorded stage by stage.
 
 Each flow decorates the one run function, :func:`reelfarm.flows.render.run_job`, and adds
-only what Prefect adds: task records for validate, plan, render-chunks and stitch, a per-shot
+only what Prefect adds: task records for validate, plan, keyframes, render-chunks and stitch, a per-shot
 table artifact, a retry for retryable failures, and deployments. Prefect works at stage
 level; Ray works at chunk level inside ``render-chunks``. A Prefect task per chunk
 would be the wrong grain: every task run costs an API round trip, and through prefect-ray
@@ -27,6 +27,7 @@ from reelfarm.flows.render import (
     RunResult,
     Stages,
     finish_cell,
+    keyframe_stage,
     render_chunks,
     resume_job,
     run_job,
@@ -68,6 +69,7 @@ def _publish(result: RunResult, cell: str) -> None:
 
 PREFECT_STAGES = Stages(
     plan=task(name="plan", cache_policy=NO_CACHE)(plan_film),
+    keyframes=task(name="keyframes", cache_policy=NO_CACHE)(keyframe_stage),
     chunks=task(name="render-chunks", cache_policy=NO_CACHE)(render_chunks),
     finish=task(name="stitch", cache_policy=NO_CACHE, retries=1, retry_condition_fn=is_retryable)(finish_cell),
     publish=_publish,

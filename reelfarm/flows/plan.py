@@ -15,9 +15,10 @@ from reelfarm.errors import PlanError
 from reelfarm.schemas.campaign import CampaignCell
 from reelfarm.schemas.families import ANIMATIC_VERSION, FamilyRule
 from reelfarm.schemas.film import AnimaticModel, Film, Scene, Shot, seconds_to_frames
-from reelfarm.schemas.plan import ChunkPlan, RenderPlan, ShotPlan, check_plan
+from reelfarm.schemas.plan import ChunkPlan, KeyframePlan, RenderPlan, ShotPlan, check_plan
 
-__all__ = ["KEY_VERSION", "CampaignPlan", "chunk_ranges", "chunk_seed", "plan", "plan_campaign", "plan_film"]
+__all__ = ["KEY_VERSION", "CampaignPlan", "chunk_ranges", "chunk_seed", "keyframe_seed", "plan", "plan_campaign",
+           "plan_film"]
 
 # Bump when the meaning of a content key changes (every chunk renders again).
 KEY_VERSION = 1
@@ -33,6 +34,42 @@ def chunk_seed(base_seed: int, shot_id: str, index: int) -> int:
     """
     digest = hashlib.blake2b(f"{base_seed}/{shot_id}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def keyframe_seed(base_seed: int, shot_id: str) -> int:
+    """The seed a shot's keyframe model samples with (blake2b, like :func:`chunk_seed`)."""
+    digest = hashlib.blake2b(f"{base_seed}/{shot_id}/keyframe".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _plan_keyframe(film: Film, shot: Shot, shot_doc: dict[str, Any], base_seed: int) -> KeyframePlan | None:
+    """The shot's keyframe and its content key, or None for the animatic keyframe.
+
+    A composed keyframe's key hashes the editing model (what changes pixels), its prompt and
+    seed, and everything that draws the collage it is given: the animatic's drawing version,
+    the shot's prompt (its backdrop), seed, characters with their references' sha256, camera,
+    size, fps and length. A pinned keyframe's key hashes the file's bytes (sha256) and size.
+    """
+    kf = film.keyframe_for(shot)
+    if kf is None:
+        return None
+    doc: dict[str, Any] = {"v": KEY_VERSION, "what": "keyframe", "size": shot_doc["size"]}
+    if kf.pin is not None:
+        if kf.sha256 is None:
+            raise PlanError(f"shot {shot.id!r}: the pinned keyframe is not hashed; load the film with load_film()")
+        doc["pin"] = kf.sha256
+        key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+        return KeyframePlan.model_construct(key=key, source="pin", prompt="", seed=0, model=None,
+                                            pin=kf.pin, pin_sha256=kf.sha256)
+    assert kf.model is not None
+    prompt = kf.prompt or shot.prompt
+    seed = keyframe_seed(base_seed, shot.id)
+    doc.update(model=kf.model.model_dump(mode="json"), prompt=prompt, seed=seed,
+               collage={"animatic": ANIMATIC_VERSION, "seed": base_seed,
+                        **{k: shot_doc[k] for k in ("prompt", "characters", "camera", "fps", "shot_frames")}})
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+    return KeyframePlan.model_construct(key=key, source="model", prompt=prompt, seed=seed, model=kf.model,
+                                        pin=None, pin_sha256=None)
 
 
 def chunk_ranges(frames: int, rule: FamilyRule, per_chunk: int, overlap: int) -> list[tuple[int, int, int]]:
@@ -100,12 +137,17 @@ def _plan_shot(film: Film, scene: Scene, shot: Shot, index: int, transition_fram
         # More than one take: which take the chunk's key commits depends on the policy.
         # Each take is stored under schemas.qc.take_key(key, take) with take_seed(seed, take).
         shot_doc["qc"] = qc.key_doc()
+    base_seed = shot.seed if shot.seed is not None else film.seed
+    keyframe = _plan_keyframe(film, shot, shot_doc, base_seed)
+    if keyframe is not None:
+        # The first frame every chunk that starts from the keyframe is given (absent without
+        # one, so films without keyframes keep their keys).
+        shot_doc["keyframe"] = keyframe.key
     prefix = hashlib.sha256(json.dumps(shot_doc, sort_keys=True, separators=(",", ":")).encode())
     # 2. Chunks: frame ranges, seeds, keys chained through their conditioning.
     chained = model.continuation == "previous"
     steps = model.steps or rule.default_steps
     megapixels = w * h / 1e6
-    base_seed = shot.seed if shot.seed is not None else film.seed
     chunks = []
     prev_key: str | None = None
     total = 0.0
@@ -129,7 +171,7 @@ def _plan_shot(film: Film, scene: Scene, shot: Shot, index: int, transition_fram
         characters=names, character_hashes=hashes, camera=shot.camera,
         transition=shot.transition, transition_frames=transition_frames, model=model,
         width=w, height=h, fps=film.fps, frames=frames, seed=base_seed,
-        chunks=tuple(chunks), est_gpu_s=round(total, 4), qc=qc,
+        chunks=tuple(chunks), est_gpu_s=round(total, 4), qc=qc, keyframe=keyframe,
     )
 
 

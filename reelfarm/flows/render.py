@@ -24,6 +24,7 @@ from reelfarm.cluster.manifest import ManifestWriter
 from reelfarm.cluster.outdir import CAMPAIGN_DOC, FILM_DOC, OutputFolder
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.errors import SpecError, StoreError
+from reelfarm.flows.keyframes import KeyframeSummary, render_keyframes
 from reelfarm.flows.plan import plan_film
 from reelfarm.schemas.film import Film, Output
 from reelfarm.schemas.loader import LoadedCampaign
@@ -39,6 +40,7 @@ __all__ = [
     "Stages",
     "begin_cell",
     "finish_cell",
+    "keyframe_stage",
     "load_run",
     "load_run_film",
     "new_run_id",
@@ -67,6 +69,7 @@ class RunResult:
     stitch: Any = None
     error: str | None = None  # the run could not finish its deliverables (storage failed)
     manifest: Any = None  # the run's manifest table (pyarrow), for the per-shot qc report
+    keyframes: KeyframeSummary | None = None  # the keyframe stage (a campaign's: on every cell)
 
     @property
     def ok(self) -> bool:
@@ -105,6 +108,7 @@ def run_summary(result: RunResult) -> dict[str, Any]:
         "model_loads": s.model_loads,
         "identity_encodes": s.identity_encodes,
         "steps_saved": s.steps_saved,
+        "keyframes": result.keyframes.to_doc() if result.keyframes is not None else None,
         "nodes_used": len(s.nodes_used),
         "outputs": result.outputs,
     }
@@ -203,6 +207,7 @@ class Cell:
     output: Output
     prefix: str = ""
     t0: float = field(default_factory=time.monotonic)
+    keyframes: KeyframeSummary | None = None
 
 
 def begin_cell(plan: RenderPlan, store: ChunkStore, *, run_id: str, prefix: str, out_url: str,
@@ -215,6 +220,11 @@ def begin_cell(plan: RenderPlan, store: ChunkStore, *, run_id: str, prefix: str,
     return Cell(plan, manifest, out_url, output, prefix)
 
 
+def keyframe_stage(cells: list[Cell], store: ChunkStore, settings: Settings) -> KeyframeSummary:
+    """Every cell's keyframes that storage lacks, before any chunk starts (flows/keyframes.py)."""
+    return render_keyframes([c.plan for c in cells], store, storage_options=settings.storage_options)
+
+
 def render_chunks(farm: Farm, cells: list[Cell]) -> list[RenderSummary]:
     """Every cell's missing chunks on one queue (identical chunks once); a summary per cell."""
     return farm.render_many([(c.plan, c.manifest) for c in cells])
@@ -225,7 +235,7 @@ def finish_cell(cell: Cell, summary: RenderSummary, farm: Farm, store: ChunkStor
     plan, manifest, out_url, output = cell.plan, cell.manifest, cell.out_url, cell.output
     run_id, prefix = manifest.run_id, cell.prefix
     out = OutputFolder(out_url, storage_options=store.storage_options)
-    result = RunResult(run_id=run_id, out_url=out_url, plan=plan, summary=summary)
+    result = RunResult(run_id=run_id, out_url=out_url, plan=plan, summary=summary, keyframes=cell.keyframes)
     if summary.ok:
         review = {"contact_sheet": output.contact_sheet, "report": output.report}
         events.emit("stitch_start", run_id=run_id, cell=prefix)
@@ -309,6 +319,7 @@ def _status_doc(result: RunResult) -> dict[str, Any]:
         "model_loads": result.summary.model_loads,
         "identity_encodes": result.summary.identity_encodes,
         "steps_saved": result.summary.steps_saved,
+        "keyframes": result.keyframes.to_doc() if result.keyframes is not None else None,
         "blocklisted_nodes": sorted(result.summary.blocklisted),
         "outputs": result.outputs,
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -322,12 +333,14 @@ class Stages:
 
     Attributes:
         plan: ``Film -> RenderPlan``, per cell.
+        keyframes: :func:`keyframe_stage`: every cell's keyframes, before any chunk.
         chunks: :func:`render_chunks`: every cell's chunks on one queue.
         finish: :func:`finish_cell`: stitch one cell and write its status.
         publish: called with each cell's result and its name (artifacts); no-op here.
     """
 
     plan: Callable[[Film], RenderPlan] = plan_film
+    keyframes: Callable[..., KeyframeSummary] = keyframe_stage
     chunks: Callable[..., list[RenderSummary]] = render_chunks
     finish: Callable[..., RunResult] = finish_cell
     publish: Callable[[RunResult, str], None] = lambda result, name: None
@@ -370,6 +383,9 @@ def run_job(job: RunJob, settings: Settings | None = None, *, farm: Farm | None 
         cells = [begin_cell(stages.plan(film), store, run_id=run_id or new_run_id(), prefix=cell,
                             out_url=out.cell(cell).root, settings=settings, output=film.output)
                  for cell, film in job.cells]
+        keyframes = stages.keyframes(cells, store, settings)  # before any chunk starts
+        for cell in cells:
+            cell.keyframes = keyframes
         summaries = stages.chunks(farm, cells)
         for (name, _), cell, summary in zip(job.cells, cells, summaries):
             result = stages.finish(cell, summary, farm, store)

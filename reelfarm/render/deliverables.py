@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,8 +29,8 @@ REVIEW_FILES = ("timeline.otio", "contact_sheet.png", "report.html")
 
 
 def write_review(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.ndarray]], result: Any, *,
-                 manifest: pa.Table | None = None, contact_sheet: bool = True, report: bool = True
-                 ) -> list[str]:
+                 manifest: pa.Table | None = None, contact_sheet: bool = True, report: bool = True,
+                 keyframes: Mapping[str, np.ndarray] | None = None) -> list[str]:
     """Write the timeline, and the contact sheet and report when asked, into ``work``.
 
     Returns the relative paths written, in the order to publish them (``report.html``
@@ -46,6 +46,8 @@ def write_review(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.nda
         manifest: the run's manifest, for the report's actual GPU-seconds and workers.
         contact_sheet: write ``contact_sheet.png``.
         report: write ``report.html`` (its thumbnails and charts inside it).
+        keyframes: shot id -> the keyframe it started from (composed or pinned), shown
+            beside its thumbnail on the contact sheet and in the report.
     """
     from reelfarm.render import review, timeline
 
@@ -53,15 +55,17 @@ def write_review(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.nda
                             os.path.join(work, "timeline.otio"))
     written = ["timeline.otio"]
     if contact_sheet:
-        review.write_contact_sheet(thumbs, os.path.join(work, "contact_sheet.png"))
+        review.write_contact_sheet(review.sheet_tiles(thumbs, keyframes), os.path.join(work, "contact_sheet.png"))
         written.append("contact_sheet.png")
     if report:
-        written += write_report(plan, work, thumbs, result, manifest=manifest, contact_sheet=contact_sheet)
+        written += write_report(plan, work, thumbs, result, manifest=manifest, contact_sheet=contact_sheet,
+                                keyframes=keyframes)
     return written
 
 
 def write_report(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.ndarray]], result: Any, *,
-                 manifest: pa.Table | None = None, contact_sheet: bool = True) -> list[str]:
+                 manifest: pa.Table | None = None, contact_sheet: bool = True,
+                 keyframes: Mapping[str, np.ndarray] | None = None) -> list[str]:
     """Write ``report.html``, its thumbnails and charts inside it as ``data:`` URIs.
 
     Why inside: the report stays one file, so it is published in one step with the
@@ -78,6 +82,8 @@ def write_report(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.nda
     actual = {sid: row["actual_s"] for sid, row in review.manifest_summary(plan, manifest)[0].items()}
     pngs = charts.write_charts(plan, manifest, actual, result.seam_scores)
     media = review.ReportMedia(thumbs=shot_thumbs,
+                               keyframes={sid: review.data_uri(_png(kf), "image/png")
+                                          for sid, kf in (keyframes or {}).items()},
                                charts={name: review.data_uri(png, "image/png") for name, png in pngs.items()},
                                contact_sheet="contact_sheet.png" if contact_sheet else None)
     page = review.render_report(plan, manifest=manifest, seam_scores=result.seam_scores,
@@ -85,6 +91,13 @@ def write_report(plan: RenderPlan, work: str, thumbs: Sequence[tuple[str, np.nda
     with open(os.path.join(work, "report.html"), "w", encoding="utf-8") as fh:
         fh.write(page)
     return ["report.html"]
+
+
+def _png(frame: np.ndarray) -> bytes:
+    """Lossless: a keyframe is shown as it is (a studio approves these pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _jpeg(frame: np.ndarray) -> bytes:

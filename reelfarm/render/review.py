@@ -37,6 +37,7 @@ __all__ = [
     "data_uri",
     "manifest_summary",
     "render_report",
+    "sheet_tiles",
     "thumbnail",
     "write_contact_sheet",
 ]
@@ -76,6 +77,18 @@ def contact_sheet(
         sheet.paste(Image.fromarray(thumb), (x, y))
         draw.text((x + 2, y + th + 2), label, fill=(235, 235, 235), font=font)
     return sheet
+
+
+def sheet_tiles(thumbs: Sequence[tuple[str, np.ndarray]], keyframes: Mapping[str, np.ndarray] | None = None
+                ) -> list[tuple[str, np.ndarray]]:
+    """Contact sheet tiles: each shot's thumbnail, preceded by its keyframe where it has one
+    (composed or pinned, labelled ``<shot> keyframe``), so the two read side by side."""
+    out: list[tuple[str, np.ndarray]] = []
+    for label, thumb in thumbs:
+        if keyframes and label in keyframes:
+            out.append((f"{label} keyframe", thumbnail(keyframes[label], thumb.shape[1])))
+        out.append((label, thumb))
+    return out
 
 
 def write_contact_sheet(thumbs: Sequence[tuple[str, np.ndarray]], path: str) -> None:
@@ -181,9 +194,11 @@ class ReportMedia:
         thumbs: shot id -> the shot's thumbnail image.
         charts: chart name (``timeline``, ``gpu``, ``seams``) -> its PNG.
         contact_sheet: the contact sheet, shown inline when there is one.
+        keyframes: shot id -> the keyframe the shot started from (composed or pinned).
     """
 
     thumbs: Mapping[str, str] = field(default_factory=dict)
+    keyframes: Mapping[str, str] = field(default_factory=dict)
     charts: Mapping[str, str] = field(default_factory=dict)
     contact_sheet: str | None = None
 
@@ -243,6 +258,7 @@ def render_report(
     out += _tiles(plan, shot_rows, points, usage, has_manifest=manifest is not None)
     out += _film_section(plan, methods)
     out += _shot_cards(plan, media, points)
+    out += _keyframes_section(plan, media)
     out += _shots_section(plan, shot_rows, seams, media, has_manifest=manifest is not None)
     out += _seams_section(points, media)
     out += _qc_section(plan, manifest, media)
@@ -303,6 +319,27 @@ def _shot_cards(plan: RenderPlan, media: ReportMedia, points: Sequence[Any]) -> 
             f'{poster_attr} src="{e(f"shots/{s.shot_id}.mp4")}"></video>'
             f'<figcaption><strong>{e(s.shot_id)}</strong><span class="muted">{e(s.scene_id)} &middot; '
             f"{float(s.frames / Fraction(s.fps)):.2f} s</span>{badge}</figcaption></figure>")
+    out.append("</div>")
+    return out
+
+
+def _keyframes_section(plan: RenderPlan, media: ReportMedia) -> list[str]:
+    """The keyframes shots started from: picture, source (model or pinned file), prompt, key."""
+    e = html.escape
+    shots = [s for s in plan.shots if s.keyframe is not None]
+    if not shots:
+        return []
+    out = ['<h2>Keyframes</h2><div class="shots">']
+    for s in shots:
+        kf = s.keyframe
+        assert kf is not None
+        src = media.keyframes.get(s.shot_id)
+        img = (f'<img src="{e(src)}" width="{s.width}" height="{s.height}" alt="keyframe of {e(s.shot_id)}">'
+               if src else '<p class="note">not in storage</p>')
+        made = (f"pinned: {e(str(kf.pin))}" if kf.source == "pin"
+                else f"{e(kf.model.family)} <code>{e(kf.model.id)}</code>: {e(kf.prompt)}")  # type: ignore[union-attr]
+        out.append(f'<figure class="card">{img}<figcaption><strong>{e(s.shot_id)}</strong>'
+                   f'<span class="muted">{made} &middot; key {e(kf.key)}</span></figcaption></figure>')
     out.append("</div>")
     return out
 

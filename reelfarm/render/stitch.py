@@ -368,7 +368,8 @@ def stitch_film(
                 and rel in fresh.stale]
         if fresh.stale - set(made) or made:
             made += deliverables.write_review(plan, work, thumbs, result, manifest=manifest,
-                                              contact_sheet=contact_sheet, report=report)
+                                              contact_sheet=contact_sheet, report=report,
+                                              keyframes=_keyframes(plan, store))
         deliverables.publish(work, made, out_url, storage_options)
         out.write_bytes_atomic(DELIVERABLES_DOC, fresh.document(result.seam_scores))
         result.outputs = {rel: out_url.rstrip("/") + "/" + rel for rel in fresh.keys}
@@ -505,3 +506,12 @@ def stitch_shots(plan: RenderPlan, store: ChunkReader, out_url: str, shot_ids: I
             out.put_file_atomic(local, rel)
             outputs[rel] = out_url.rstrip("/") + "/" + rel
     return outputs
+
+
+def _keyframes(plan: RenderPlan, store: Any) -> dict[str, np.ndarray]:
+    """Shot id -> the keyframe it started from (committed by the keyframe stage), for review."""
+    out = {}
+    for s in plan.shots:
+        if s.keyframe is not None and store.is_complete(s.keyframe.key):
+            out[s.shot_id] = store.read_frames(s.keyframe.key)[0]
+    return out

@@ -31,8 +31,10 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -50,6 +52,9 @@ __all__ = [
     "DiffusersModel",
     "Film",
     "FrameRate",
+    "KEYFRAME_PIPELINES",
+    "Keyframe",
+    "KeyframeModel",
     "MAX_CAMPAIGN_CELLS",
     "MAX_CHUNKS",
     "MAX_FILM_FRAMES",
@@ -289,6 +294,66 @@ class DiffusersModel(_ModelCommon):
 
 ModelSpec = Annotated[AnimaticModel | DiffusersModel, Field(discriminator="backend")]
 
+# Keyframe models: an image-editing pipeline of the installed diffusers per family, and what
+# it is given (render/keyframes.py owns the registry of classes and the rendering).
+KEYFRAME_PIPELINES = {"flux_kontext": "FluxKontextPipeline"}  # family -> diffusers pipeline class
+# Families the installed diffusers has but reelfarm does not run yet, and why (said at load).
+_KEYFRAME_NOT_YET = {
+    "qwen_image_edit_plus": (
+        "`qwen_image_edit_plus` (QwenImageEditPlusPipeline, several images) is not supported yet: "
+        "its Qwen2VLProcessor cannot be built without torchvision in the installed transformers "
+        "(it requires a video processor), so reelfarm can neither load nor test it; use "
+        "`flux_kontext` (one image: the animatic collage of the references)"),
+}
+
+
+class KeyframeModel(_Strict):
+    """An image-editing diffusers pipeline that composes a shot's first frame.
+
+    ``flux_kontext`` (``FluxKontextPipeline``) takes one image: it is given the animatic's
+    collage of the shot's characters' references over its backdrop, and the prompt.
+    """
+
+    family: Literal["flux_kontext"]
+    id: str = Field(..., min_length=1, description="hub id, local folder or fsspec URL")
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    steps: int = Field(28, ge=1, le=1000)
+    guidance_scale: float = Field(2.5, ge=0.0, le=30.0)
+    max_sequence_length: int = Field(512, ge=8, le=512, description="T5 prompt tokens")
+
+    @field_validator("family", mode="before")
+    @classmethod
+    def _known_family(cls, v: Any) -> Any:
+        if isinstance(v, str) and v in _KEYFRAME_NOT_YET:
+            raise ValueError(_KEYFRAME_NOT_YET[v])
+        return v
+
+
+class Keyframe(_Strict):
+    """Where a diffusers shot's first frame comes from, instead of the animatic keyframe.
+
+    Exactly one of ``model`` (an image-editing pipeline composes it from the shot's
+    characters' references and ``prompt``) or ``pin`` (an image file of the film's size,
+    used as given). Written on the film (every diffusers shot) or on a shot; a shot may say
+    ``keyframe: animatic`` to keep the animatic keyframe.
+    """
+
+    model: KeyframeModel | None = None
+    pin: str | None = Field(None, min_length=1, description="an image file; relative to the spec")
+    prompt: str | None = Field(None, min_length=1, max_length=4000,
+                               description="what the editing model is told (default: the shot's prompt)")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="pinned hash of the pinned file; set by the loader")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Keyframe:
+        if (self.model is None) == (self.pin is None):
+            raise ValueError("give exactly one of `model` (an image-editing pipeline) or `pin` (an image file)")
+        if self.pin is not None and self.prompt is not None:
+            raise ValueError("a pinned keyframe is used as given: `prompt` is for a keyframe `model`")
+        return self
+
 
 class Character(_Strict):
     """A character: one reference image, resolved relative to the spec file or any fsspec URL."""
@@ -313,6 +378,10 @@ class Shot(_Strict):
     seed: int | None = Field(None, ge=0, lt=2**63)
     model: ModelSpec | None = Field(None, description="this shot's model; the loader merges it")
     qc: QcPolicy | None = Field(None, description="this shot's quality policy (replaces the film's)")
+    keyframe: Annotated[
+        Annotated[Keyframe, Tag("keyframe")] | Annotated[Literal["animatic"], Tag("animatic")],
+        Discriminator(lambda v: "animatic" if isinstance(v, str) else "keyframe"),
+    ] | None = Field(None, description="this shot's first frame (over the film's); `animatic` keeps the animatic's")
 
     @field_validator("frames")
     @classmethod
@@ -372,6 +441,7 @@ class Film(_Strict):
     audio: str | None = None
     output: Output = Output()
     qc: QcPolicy | None = Field(None, description="quality policy for every shot (see schemas.qc)")
+    keyframe: Keyframe | None = Field(None, description="first frames of every diffusers shot")
 
     @field_validator("fps", mode="before")
     @classmethod
@@ -422,6 +492,16 @@ class Film(_Strict):
 
     def qc_for(self, shot: Shot) -> QcPolicy | None:
         return shot.qc or self.qc
+
+    def keyframe_for(self, shot: Shot) -> Keyframe | None:
+        """The shot's keyframe source, or None for the animatic keyframe (the default).
+
+        Only a diffusers shot starts from a keyframe; the film's ``keyframe`` is every such
+        shot's default, a shot's own replaces it (the loader merges the two field by field).
+        """
+        if shot.keyframe == "animatic" or self.model_for(shot).backend != "diffusers":
+            return None
+        return shot.keyframe or self.keyframe  # type: ignore[return-value]
 
     @property
     def width(self) -> int:

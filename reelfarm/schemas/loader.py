@@ -10,6 +10,9 @@ with the nearest valid name suggested for a misspelt key, choice or character. S
 bounded by the limits in :mod:`reelfarm.schemas.film`. The loader reads references, the
 soundtrack and a campaign's base film only from the spec's own folder (and below) and from
 the roots the operator allows (``allowed_roots=``, the ``allowed_read_roots`` setting).
+A pinned keyframe (``keyframe: {pin: ...}``) is read the same way and must be an opaque
+image of the film's size; a keyframe model given as a folder must hold the image-editing
+pipeline its family names.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from pydantic import BaseModel, ValidationError
 from reelfarm.errors import Issue, SpecError
 from reelfarm.schemas.campaign import Campaign, CampaignCell
 from reelfarm.schemas.film import (
+    KEYFRAME_PIPELINES,
     MAX_CHUNKS,
     MAX_REFERENCE_BYTES,
     MAX_SPEC_BYTES,
     SPEC_VERSION,
     Film,
+    Keyframe,
     film_chunks,
     size_problems,
 )
@@ -465,6 +470,21 @@ def _merge_shot_models(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _merge_shot_keyframes(raw: dict[str, Any]) -> dict[str, Any]:
+    """A shot's ``keyframe:`` overrides the film's field by field; a shot's ``pin`` replaces it
+    whole (a pinned keyframe takes nothing from a film's keyframe model)."""
+    film_kf = raw.get("keyframe")
+    if not isinstance(film_kf, dict):
+        return raw
+    base = {k: v for k, v in film_kf.items() if k not in ("pin", "sha256")}
+    raw = copy.deepcopy(raw)
+    for _, shot in _shots(raw):
+        over = shot.get("keyframe")
+        if isinstance(over, dict) and "pin" not in over:
+            shot["keyframe"] = _deep_merge(base, over)
+    return raw
+
+
 Written = dict[tuple[Any, ...], str]  # path of a reference or the audio -> the value as written
 
 
@@ -484,7 +504,13 @@ def _absolutise(raw: dict[str, Any], base: str) -> tuple[dict[str, Any], Written
     if isinstance(raw.get("audio"), str) and raw["audio"]:
         written[("audio",)] = raw["audio"]
         raw["audio"] = resolve_url(raw["audio"], base)
+    keyframes = [((), raw.get("keyframe"))] + [(path, shot.get("keyframe")) for path, shot in _shots(raw)]
+    for path, kf in keyframes:
+        if isinstance(kf, dict) and isinstance(kf.get("pin"), str) and kf["pin"]:
+            written[(*path, "keyframe", "pin")] = kf["pin"]
+            kf["pin"] = resolve_url(kf["pin"], base)
     models = [raw.get("model")] + [shot.get("model") for _, shot in _shots(raw)]
+    models += [kf.get("model") for _, kf in keyframes if isinstance(kf, dict)]
     for m in models:
         if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]:
             mid = m["id"]
@@ -612,6 +638,7 @@ def _check_film(film: Film, src: Source, reader: _Reader, hash_references: bool,
         why = _missing_model(model, reader.storage_options) if model.backend == "diffusers" else None
         if why:
             issues.append(src.issue(path, why))
+    issues += _keyframe_issues(film, src, reader, written)
     # References and the soundtrack: only from allowed places (workers read references
     # later, so this holds even when nothing is read now).
     for name, char in film.characters.items():
@@ -640,9 +667,133 @@ def _check_film(film: Film, src: Source, reader: _Reader, hash_references: bool,
             characters[name] = char.model_copy(update={"sha256": digest})
     if film.audio and (why := reader.probe_audio(film.audio)):
         issues.append(src.issue(("audio",), f"{why}, got {written.get(('audio',), film.audio)!r}"))
+    film, pin_issues = _hash_pins(film, src, reader, written)
+    issues += pin_issues
     if issues:
         raise SpecError(_sorted(issues))
     return film.model_copy(update={"characters": characters})
+
+
+# --- keyframes -------------------------------------------------------------------------
+def _keyframe_issues(film: Film, src: Source, reader: _Reader, written: Written) -> list[Issue]:
+    """Keyframes where they cannot be used: a pin on the film, a keyframe on a shot the
+    animatic renders, a pin outside the allowed places, a model folder that is not an
+    image-editing pipeline of its family."""
+    issues: list[Issue] = []
+    checked: set[str] = set()
+    if film.keyframe is not None and film.keyframe.pin is not None:
+        issues.append(src.issue(("keyframe", "pin"),
+                                "a pinned keyframe is one shot's first frame: set `keyframe.pin` on the shot, "
+                                f"got {written.get(('keyframe', 'pin'), film.keyframe.pin)!r}"))
+    if film.keyframe is not None and film.keyframe.model is not None:
+        checked.add(film.keyframe.model.id)
+        if why := _not_keyframe_model(film.keyframe.model, reader.storage_options):
+            issues.append(src.issue(("keyframe", "model", "id"), why))
+    for si, scene in enumerate(film.scenes):
+        for ti, shot in enumerate(scene.shots):
+            here = ("scenes", si, "shots", ti, "keyframe")
+            kf = shot.keyframe
+            if kf is None or kf == "animatic":
+                continue
+            backend = film.model_for(shot).backend
+            if backend != "diffusers":
+                issues.append(src.issue(here, f"shot {shot.id!r}: a keyframe is the first frame a diffusers "
+                                              f"model starts from; this shot renders with the {backend} "
+                                              "(`model.backend`); remove `keyframe` or render it with diffusers"))
+                continue
+            if kf.model is not None and kf.model.id not in checked:  # type: ignore[union-attr]
+                checked.add(kf.model.id)  # type: ignore[union-attr]
+                if why := _not_keyframe_model(kf.model, reader.storage_options):  # type: ignore[union-attr]
+                    issues.append(src.issue((*here, "model", "id"), f"shot {shot.id!r}: {why}"))
+            if kf.pin is not None and (shown := reader.refusal(kf.pin)):  # type: ignore[union-attr]
+                issues.append(src.issue((*here, "pin"), f"shot {shot.id!r}: `keyframe.pin` "
+                                        + _outside(shown, written.get((*here, "pin"), kf.pin))))  # type: ignore[union-attr]
+    return issues
+
+
+def _not_keyframe_model(model: Any, storage_options: dict[str, Any] | None) -> str | None:
+    """Why a keyframe model given as a folder or URL is missing or not its family's
+    image-editing pipeline, or None (hub ids are checked where the model loads)."""
+    import json
+
+    want = KEYFRAME_PIPELINES[model.family]
+    mid = model.id
+    if not os.path.isabs(mid) and not (_has_scheme(mid) and not mid.startswith(("http://", "https://"))):
+        return None
+    try:
+        fs, path = fsspec.core.url_to_fs(mid, **(storage_options or {}))
+        if not fs.isdir(path):
+            return f"`keyframe.model.id` {model.family} model folder not found: {mid}"
+        with fs.open(posixpath.join(path, "model_index.json"), "rb") as f:
+            found = json.loads(f.read(1 << 20)).get("_class_name")
+    except FileNotFoundError:
+        return (f"`keyframe.model.id` is not an image-editing pipeline: {mid} has no model_index.json "
+                f"({model.family} takes a {want} folder)")
+    except Exception as e:  # noqa: BLE001 - unreachable store, unreadable JSON
+        return f"`keyframe.model.id` {mid} cannot be read: {type(e).__name__}: {e}"
+    if found != want:
+        return (f"`keyframe.model.id` is not an image-editing pipeline of family {model.family!r}: "
+                f"{mid} holds a {found}, {model.family} takes a {want}")
+    return None
+
+
+def _read_pin(url: str, reader: _Reader, size: tuple[int, int]) -> tuple[str | None, str | None]:
+    """(sha256, None) for a pinned keyframe that is an opaque image of ``size``, else (None, why)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with reader._open(url) as f:
+            data = f.read(MAX_REFERENCE_BYTES + 1)
+    except FileNotFoundError:
+        return None, f"pinned keyframe not found: {url}"
+    except Exception as e:  # noqa: BLE001 - whatever the store says, the file cannot be read
+        return None, f"cannot read pinned keyframe {url}: {e}"
+    if len(data) > MAX_REFERENCE_BYTES:
+        return None, f"pinned keyframe is larger than {MAX_REFERENCE_BYTES} bytes (MAX_REFERENCE_BYTES): {url}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                got, bands = im.size, im.getbands()
+                opaque = "A" not in bands or im.getchannel("A").getextrema()[0] == 255
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
+        return None, f"pinned keyframe is not a readable image: {url} ({e.__class__.__name__})"
+    if tuple(got) != tuple(size):
+        return None, (f"pinned keyframe must be the film's size {size[0]}x{size[1]}: {url} is "
+                      f"{got[0]}x{got[1]}")
+    if not opaque:
+        return None, f"pinned keyframe must be opaque (it is used as given): {url} has transparent pixels"
+    return hashlib.sha256(data).hexdigest(), None
+
+
+def _hash_pins(film: Film, src: Source, reader: _Reader, written: Written | None = None,
+               context: str = "") -> tuple[Film, list[Issue]]:
+    """Read every shot's pinned keyframe: an opaque image of the film's size, hashed."""
+    issues: list[Issue] = []
+    scenes = []
+    changed = False
+    for si, scene in enumerate(film.scenes):
+        shots = []
+        for ti, shot in enumerate(scene.shots):
+            kf = shot.keyframe
+            if isinstance(kf, Keyframe) and kf.pin is not None:
+                here = ("scenes", si, "shots", ti, "keyframe", "pin")
+                digest, why = _read_pin(kf.pin, reader, film.resolution)
+                if why:
+                    issues.append(src.issue(here, f"{context}shot {shot.id!r}: {why}, got "
+                                                  f"{(written or {}).get(here, kf.pin)!r}"))
+                elif kf.sha256 and kf.sha256 != digest:
+                    issues.append(src.issue(here, f"{context}shot {shot.id!r}: pinned keyframe changed: "
+                                                  f"pinned sha256 {kf.sha256[:12]}..., file has {digest[:12]}..."))  # type: ignore[index]
+                else:
+                    shot = shot.model_copy(update={"keyframe": kf.model_copy(update={"sha256": digest})})
+                    changed = True
+            shots.append(shot)
+        scenes.append(scene.model_copy(update={"shots": tuple(shots)}))
+    return (film.model_copy(update={"scenes": tuple(scenes)}) if changed else film), issues
 
 
 def _missing_model(model: Any, storage_options: dict[str, Any] | None) -> str | None:
@@ -668,7 +819,7 @@ def _transition_frames(seconds: float, film: Film) -> int:
 
 def _film_from_raw(raw: dict[str, Any], src: Source, base: str, reader: _Reader,
                    hash_references: bool, context: str = "", written: Written | None = None) -> Film:
-    raw, as_written = _absolutise(_merge_shot_models(raw), base)
+    raw, as_written = _absolutise(_merge_shot_keyframes(_merge_shot_models(raw)), base)
     as_written.update(written or {})
     try:
         film = _validate(Film, src, raw, context)
@@ -854,7 +1005,10 @@ def _hash_cell(cell: CampaignCell, src: Source, reader: _Reader) -> CampaignCell
         chars[name] = char.model_copy(update={"sha256": digest})
     if cell.film.audio and (why := reader.probe_audio(cell.film.audio)):
         raise SpecError([src.issue(("audio",), f"(cell {cell.cell_id}) {why}, got {cell.film.audio!r}")])
-    return cell.model_copy(update={"film": cell.film.model_copy(update={"characters": chars})})
+    film, issues = _hash_pins(cell.film, src, reader, context=f"(cell {cell.cell_id}) ")
+    if issues:
+        raise SpecError(issues)
+    return cell.model_copy(update={"film": film.model_copy(update={"characters": chars})})
 
 
 def _dedupe(issues: list[Issue]) -> list[Issue]:

@@ -13,10 +13,10 @@ from fractions import Fraction
 from pydantic import BaseModel, ConfigDict
 
 from reelfarm.errors import PlanError
-from reelfarm.schemas.film import Camera, FrameRate, ModelSpec, Transition
+from reelfarm.schemas.film import Camera, FrameRate, KeyframeModel, ModelSpec, Transition
 from reelfarm.schemas.qc import QcPolicy
 
-__all__ = ["ChunkPlan", "RenderPlan", "ShotPlan", "check_plan", "ordered_chunks", "safe_id"]
+__all__ = ["ChunkPlan", "KeyframePlan", "RenderPlan", "ShotPlan", "check_plan", "ordered_chunks", "safe_id"]
 
 
 class _Frozen(BaseModel):
@@ -43,6 +43,23 @@ class ChunkPlan(_Frozen):
     est_gpu_s: float
 
 
+class KeyframePlan(_Frozen):
+    """Where a diffusers shot's first frame comes from when it is not the animatic keyframe.
+
+    The keyframe is a one-frame artefact in the chunk store under ``key`` (a hash of the
+    model, the references' hashes, the prompt, seed and size, or of the pinned file's bytes),
+    made by the keyframe stage before any chunk starts (flows/keyframes.py).
+    """
+
+    key: str
+    source: str  # "model" (an image-editing pipeline composes it) or "pin" (a file, used as given)
+    prompt: str = ""  # what the editing model is told
+    seed: int = 0
+    model: KeyframeModel | None = None
+    pin: str | None = None  # the pinned file's URL
+    pin_sha256: str | None = None
+
+
 class ShotPlan(_Frozen):
     """A shot as the farm sees it: resolved model, frame count, and its chunks."""
 
@@ -64,6 +81,7 @@ class ShotPlan(_Frozen):
     chunks: tuple[ChunkPlan, ...]
     est_gpu_s: float
     qc: QcPolicy | None = None  # scoring and retakes (schemas.qc); read by the worker
+    keyframe: KeyframePlan | None = None  # None: the animatic keyframe (render.animatic.keyframe)
 
     @property
     def duration_s(self) -> float:

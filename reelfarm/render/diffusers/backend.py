@@ -7,7 +7,8 @@ sampled to latents and decoded in a separate step, so an out-of-memory decode is
 (tiled) without sampling again. One file per family says what it caches and how it continues.
 
 A shot's first chunk, and every chunk when ``continuation == "reference"``, starts from the
-animatic's keyframe (the characters staged over a backdrop). A later chunk with
+shot's keyframe when the worker gives one as ``condition.image`` (composed or pinned,
+render/keyframes.py), else from the animatic's keyframe (the characters staged over a backdrop). A later chunk with
 ``continuation == "previous"`` starts from ``condition.image``, the previous chunk's frame at
 this chunk's first frame; LTX can take the previous chunk's latents instead (see ltx.py).
 """
@@ -415,8 +416,12 @@ class DiffusersBackend:
         runner = self._live()
         start_latent = None
         if chunk.index == 0 or model.continuation == "reference":
-            image = self._keyframe(shot, identities, chunk.frame_start)
-            start = "keyframe"
+            if condition is not None and condition.image is not None:  # the shot's keyframe
+                image = _rgb(condition.image, f"the keyframe of shot {shot.shot_id!r}")
+                start = "given keyframe"
+            else:
+                image = self._keyframe(shot, identities, chunk.frame_start)
+                start = "keyframe"
         else:
             if condition is None or condition.image is None:
                 raise BackendError(
