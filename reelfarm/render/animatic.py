@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ANIMATIC_VERSION", "AnimaticBackend", "keyframe"]
+__all__ = ["ANIMATIC_VERSION", "AnimaticBackend", "character_coverage", "keyframe"]
 
 # Staging, as fractions of the frame height (H) or width (W).
 _HORIZON = 0.62  # horizon line, H
@@ -492,6 +492,28 @@ def _draw_sprite(
         ox, oy = int(origins[n, 0]), int(origins[n, 1])
         region = out[n, :, oy : oy + bh, ox : ox + bw]
         region.mul_(1.0 - sampled[n, 3:4]).add_(sampled[n, :3])
+
+
+def character_coverage(
+    shot: ShotPlan, identities: dict[str, IdentityBundle], frames: list[int]
+) -> list[tuple[str, torch.Tensor]]:
+    """Where each character's sprite stands: per character, ``len(frames) x H x W`` coverage
+    in 0..1, in draw order (back row first, then left to right, so later ones hide earlier
+    ones). The sprite's alpha is warped exactly as its colour is; scores use it to find a
+    character's region in a frame (render/scores.py)."""
+    stage = _stage(shot, identities)
+    W, H = shot.width, shot.height
+    k = len(shot.characters)
+    by_x = {W * (i + 1) / (k + 1): name for i, name in enumerate(shot.characters)}  # _build_stage
+    cams = [_cameras(shot, f)[1] for f in frames]
+    covers: list[tuple[str, torch.Tensor]] = []
+    for sprite in stage.sprites:
+        alpha = sprite.texture[:, 3:4]
+        mask = replace(sprite, texture=torch.cat([alpha, alpha, alpha, alpha], dim=1))
+        out = torch.zeros((len(frames), 3, H, W), dtype=torch.float32)
+        _draw_sprite(out, mask, frames, cams, shot.fps)
+        covers.append((by_x[sprite.x], out[:, 0]))
+    return covers
 
 
 def _draw_frames(shot: ShotPlan, stage: _Stage, frames: list[int]) -> torch.Tensor:

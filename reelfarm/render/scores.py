@@ -21,7 +21,6 @@ frame it continues from. Torch is imported here; this module runs on workers.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -99,21 +98,9 @@ def character_regions(shot: ShotPlan, identities: dict[str, IdentityBundle], fra
     Returns:
         character -> one :class:`Region` per frame (``None`` where it is off screen).
     """
-    from reelfarm.render import animatic
+    from reelfarm.render.animatic import character_coverage
 
-    stage = animatic._stage(shot, identities)
-    W, H = shot.width, shot.height
-    k = len(shot.characters)
-    # _build_stage puts character i's feet at x = W (i + 1) / (k + 1): map sprites back by x.
-    by_x = {W * (i + 1) / (k + 1): name for i, name in enumerate(shot.characters)}
-    cams = [animatic._cameras(shot, f)[1] for f in frames]
-    covers: list[tuple[str, torch.Tensor]] = []
-    for sprite in stage.sprites:  # draw order: back row first, then left to right
-        alpha = sprite.texture[:, 3:4]
-        mask_sprite = dataclasses.replace(sprite, texture=torch.cat([alpha, alpha, alpha, alpha], dim=1))
-        out = torch.zeros((len(frames), 3, H, W), dtype=torch.float32)
-        animatic._draw_sprite(out, mask_sprite, frames, cams, shot.fps)
-        covers.append((by_x[sprite.x], out[:, 0]))
+    covers = character_coverage(shot, identities, frames)
     regions: dict[str, list[Region | None]] = {name: [None] * len(frames) for name in shot.characters}
     for j, (name, cover) in enumerate(covers):
         figure = (cover > _FIGURE).to(torch.float32) * cover
