@@ -116,10 +116,23 @@ class ChunkWorker:
             "node": self.node,
             "node_id": ray.get_runtime_context().get_node_id(),
             "device": self.device,
+            **self._gpu_info(),
             "model": self._backend_key,
             "model_loads": self.model_loads,
             "identity_encodes": self.identity_encodes,
         }
+
+    def _gpu_info(self) -> dict[str, Any]:
+        """The GPU this worker renders on: name, total memory (GiB) and how many Ray gave it.
+        On CPU (or on GPUs Ray counts but torch cannot see) name and memory are None."""
+        import ray
+        import torch
+
+        gpus = len(ray.get_gpu_ids())
+        if not self.device.startswith("cuda"):
+            return {"gpu": None, "gpu_memory_gib": None, "gpus": gpus}
+        props = torch.cuda.get_device_properties(self.device)
+        return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 2), "gpus": gpus}
 
     def _ensure(self, model: AnimaticModel | DiffusersModel) -> bool:
         """Load ``model`` unless it is the one held. Returns True when it loaded."""
