@@ -36,6 +36,13 @@ class Settings(BaseSettings):
         lease_ttl_s: life of a chunk's lease (one writer per chunk); a run renews the leases
             of its chunks in flight every third of it, and a lease not renewed for this long
             (its run died) is taken over.
+        gpu_memory_gib: memory of each GPU, GiB, where the workers cannot say it themselves
+            (Ray's fake GPUs, a card torch does not see); a worker that reads its GPU's memory
+            from torch uses that. The farm checks every chunk's peak (render/memory.py)
+            against the cluster's GPUs before any chunk starts.
+        gpus_per_worker: GPUs each GPU worker holds, all on one node (a Ray placement group,
+            STRICT_PACK); a node with G GPUs holds G // N workers. Larger than every node's
+            GPU count: refused before any chunk starts.
         storage_options: fsspec options for OUT (e.g. an S3 endpoint and keys).
         allowed_read_roots: folders and URL prefixes (``s3://studio-refs/``,
             ``https://cdn.example.com/refs/``) a spec may read references, audio and a base
@@ -59,6 +66,8 @@ class Settings(BaseSettings):
     manifest_flush_s: float = Field(2.0, ge=0.0)
     chunk_delay_s: float = Field(0.0, ge=0.0)
     lease_ttl_s: float = Field(60.0, gt=1.0)
+    gpu_memory_gib: float | None = Field(None, gt=0.0, le=4096.0)
+    gpus_per_worker: int = Field(1, ge=1, le=64)
     # Excluded from dumps: credentials never become Prefect flow parameters (stored in its DB).
     storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
     allowed_read_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
