@@ -1,0 +1,91 @@
+"""Context parallelism: one chunk's denoiser split across several processes (one per GPU).
+
+Every rank runs the same pipeline call with the same seed; diffusers' context-parallel hooks
+split the transformer's token sequence across the ranks at its first block and gather it at
+``proj_out`` (the model's ``_cp_plan``), and attention exchanges heads between ranks
+(Ulysses: all-to-all) or passes key/value chunks round a ring. Encoders and the VAE run
+whole on every rank. The frames come out the same on every rank.
+
+What the installed stack allows (diffusers 0.42.1, torch 2.13), measured on the tiny Wan
+transformer with two gloo processes (tests/render/test_parallel.py):
+
+- ``ModelMixin.enable_parallelism`` does not run on a torch without an accelerator: its
+  ``_resolve_parallel_config`` picks the device as ``rank % torch.accelerator.device_count()``
+  and that count is 0 (ZeroDivisionError). On the CPU this module builds the same mesh and
+  config itself and installs diffusers' own hooks (``apply_context_parallel``, the attention
+  processors' ``_parallel_config``), which is what ``enable_parallelism`` does after that line.
+  On CUDA it calls ``enable_parallelism``.
+- Ulysses on gloo works on the CPU and matches one process exactly.
+- Ring attention needs a kernel that returns the log-sum-exp (flash, sage, cuDNN); diffusers'
+  native kernel refuses (``Native attention does not support return_lse=True``), so ring is
+  refused here on the CPU.
+- Families: the denoiser must declare a ``_cp_plan`` (Wan, LTX-Video in 0.42; Wan VACE, CogVideoX's
+  transformer and SVD's UNet do not).
+
+Torch is imported inside the functions: the planner imports nothing of this.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from reelfarm.errors import BackendError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CP_FAMILIES", "enable_context_parallel"]
+
+# Families whose denoiser declares a context-parallel plan in diffusers 0.42.
+CP_FAMILIES = ("wan", "ltx")
+
+
+def enable_context_parallel(denoiser: Any, *, kind: Literal["ulysses", "ring"] = "ulysses") -> Any:
+    """Split ``denoiser`` across every rank of the initialised default process group.
+
+    Args:
+        denoiser: a diffusers transformer with a ``_cp_plan``.
+        kind: ``ulysses`` (all-to-all of heads: the head count must divide by the ranks) or
+            ``ring`` (needs a CUDA kernel with log-sum-exp).
+
+    Returns:
+        The diffusers ``ParallelConfig`` installed.
+
+    Raises:
+        BackendError: no process group, a denoiser without a plan, ring on the CPU, one rank.
+    """
+    import torch
+    import torch.distributed as dist
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    name = type(denoiser).__name__
+    if not (dist.is_available() and dist.is_initialized()):
+        raise BackendError(f"context parallelism for {name}: no torch.distributed process group")
+    if getattr(denoiser, "_cp_plan", None) is None:
+        raise BackendError(f"context parallelism: {name} declares no context-parallel plan "
+                           f"(diffusers 0.42 has one for the {', '.join(CP_FAMILIES)} families)")
+    accelerated = torch.accelerator.is_available() and torch.accelerator.device_count() > 0
+    if kind == "ring" and not accelerated:
+        raise BackendError(f"context parallelism for {name}: `ring` needs a CUDA attention kernel "
+                           "that returns the log-sum-exp; on the CPU use `ulysses`")
+    world = dist.get_world_size()
+    if world < 2:
+        raise BackendError(f"context parallelism for {name} needs at least 2 ranks, got {world}")
+    cp = ContextParallelConfig(**{f"{kind}_degree": world})
+    if accelerated:
+        denoiser.enable_parallelism(config=cp)
+        return denoiser._parallel_config
+    # CPU (gloo): what enable_parallelism does, past the device pick that divides by 0.
+    from diffusers.hooks.context_parallel import apply_context_parallel
+
+    config = ParallelConfig(context_parallel_config=cp)
+    mesh = dist.device_mesh.init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
+    config.setup(dist.get_rank(), world, torch.device("cpu"), mesh=mesh)
+    denoiser._parallel_config = config
+    for module in denoiser.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
+    apply_context_parallel(denoiser, cp, denoiser._cp_plan)
+    logger.debug("%s: context parallel (%s) over %d CPU ranks", name, kind, world)
+    return config
