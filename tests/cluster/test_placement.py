@@ -114,3 +114,21 @@ def test_gpus_per_worker_larger_than_any_node_is_refused_before_any_worker(two_g
                                         r"\(the largest node here has 2\), got 3$"):
         farm.start()
     assert farm.workers == [] and farm.stats.workers_started == 0
+
+
+def test_a_two_gpu_worker_splits_each_chunk_and_renders_the_frames_of_one(two_gpu_node, tmp_path):
+    """gpus_per_worker 2 on the tiny Wan model: the worker's backend is split across two ranks
+    (context parallelism, gloo on the CPU here), and the frames equal a one-GPU worker's."""
+    spec = _wan_spec(tmp_path, model_id=str(tp.saved_model_dir("wan")), resolution=[32, 32])
+    plan = plan_film(load_film(spec))
+    key = plan.chunks[0].key
+    frames = {}
+    for n in (2, 1):
+        store = ChunkStore(str(tmp_path / f"out-{n}"))
+        with Farm(store, Settings(manifest_flush_s=0.0, gpus_per_worker=n, gpu_memory_gib=141)) as farm:
+            summary = farm.render(plan, ManifestWriter(store, plan, f"r{n}", flush_s=0.0))
+        assert summary.ok, summary.failed
+        side = store.read_sidecar(key)
+        assert side.get("context_parallel") == ({"kind": "ulysses", "ranks": 2} if n == 2 else None)
+        frames[n] = store.read_frames(key)
+    np.testing.assert_array_equal(frames[2], frames[1])
