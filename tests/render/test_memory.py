@@ -158,3 +158,22 @@ def test_wan_vace_has_a_memory_model_and_a_cost_above_wan():
     assert estimate_gib(vace, 832, 480, 81) > estimate_gib(wan, 832, 480, 81)
     assert FAMILY_COSTS["wan_vace"].step_s > 0
     assert identity_doc(vace)["composite"] == "over white" and "composite" not in identity_doc(wan)
+
+
+def test_reelfarm_plan_prints_peaks_and_refuses_what_fits_no_gpu_class_asked_for(tmp_path):
+    from typer.testing import CliRunner
+
+    from reelfarm.cli import app
+    from tests.films import write_film
+
+    model = {"backend": "diffusers", "family": "svd", "id": "org/svd", "dtype": "float16",
+             "chunk_frames": 25, "overlap": 1}
+    spec = write_film(tmp_path, shots=[{"id": "s01_010", "frames": 25, "prompt": "p"}],
+                      resolution=[1024, 576], model=model)
+    env = {"COLUMNS": "200", "NO_COLOR": "1"}
+    ok = CliRunner().invoke(app, ["plan", str(spec), "--gpu-memory", "80"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "peak GiB" in ok.output and "64.8" in ok.output
+    refused = CliRunner().invoke(app, ["plan", str(spec), "--gpu-memory", "24", "--gpu-memory", "48"], env=env)
+    assert refused.exit_code == 2
+    assert "more than the largest GPU (48 GiB); it fits with `accel.decode_chunk:" in " ".join(refused.output.split())
