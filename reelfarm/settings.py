@@ -45,6 +45,13 @@ class Settings(BaseSettings):
             (render/checkpoints.py). Models with a step cache are not checkpointed.
         checkpoint_interval_s: GPU seconds between checkpoints when ``checkpoint_every`` is
             unset (120 s: the notice a spot instance gets).
+        gpu_memory_gib: memory of each GPU, GiB, where the workers cannot say it themselves
+            (Ray's fake GPUs, a card torch does not see); a worker that reads its GPU's memory
+            from torch uses that. The farm checks every chunk's peak (render/memory.py)
+            against the cluster's GPUs before any chunk starts.
+        gpus_per_worker: GPUs each GPU worker holds, all on one node (a Ray placement group,
+            STRICT_PACK); a node with G GPUs holds G // N workers. Larger than every node's
+            GPU count: refused before any chunk starts.
         storage_options: fsspec options for OUT (e.g. an S3 endpoint and keys).
         allowed_read_roots: folders and URL prefixes (``s3://studio-refs/``,
             ``https://cdn.example.com/refs/``) a spec may read references, audio and a base
@@ -70,6 +77,8 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(60.0, gt=1.0)
     checkpoint_every: int | None = Field(None, ge=0)
     checkpoint_interval_s: float = Field(120.0, gt=0.0)
+    gpu_memory_gib: float | None = Field(None, gt=0.0, le=4096.0)
+    gpus_per_worker: int = Field(1, ge=1, le=64)
     # Excluded from dumps: credentials never become Prefect flow parameters (stored in its DB).
     storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
     allowed_read_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)

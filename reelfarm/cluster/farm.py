@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from reelfarm import events
 from reelfarm.cluster.lease import Leases
 from reelfarm.cluster.manifest import ManifestGroup, ManifestWriter, utcnow
-from reelfarm.cluster.runtime import connect, draining_nodes, node_slots
+from reelfarm.cluster.runtime import connect, draining_nodes, gpus_per_node, node_slots
 from reelfarm.cluster.scheduler import (
     ChunkCommitted,
     ChunkDone,
@@ -46,7 +47,7 @@ from reelfarm.cluster.scheduler import (
 )
 from reelfarm.cluster.store import ChunkStore
 from reelfarm.cluster.worker import ChunkWorker, RenderReply, load_key
-from reelfarm.errors import FarmError, RenderError
+from reelfarm.errors import FarmError, PlanError, RenderError
 from reelfarm.render.identity import IdentityBundle, identity_key
 from reelfarm.schemas.plan import RenderPlan
 from reelfarm.settings import Settings
@@ -90,6 +91,9 @@ class RenderSummary:
     model_loads: int = 0
     identity_encodes: int = 0
     steps_saved: int = 0  # sampling steps resumed past from mid-chunk checkpoints
+    # Memory placement (render/memory.py): shot id -> "<GPU GiB>: offload <o>, peak <p> GiB",
+    # one entry per GPU size in the cluster, for the shot's largest chunk.
+    fits: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -104,6 +108,8 @@ class _Worker:
     gpus: int
     model: str | None = None  # load key of the last model asked for
     alive: bool = True
+    info: dict[str, Any] | None = None  # what the worker reports (ChunkWorker.info): its GPU
+    pg: Any = None  # its placement group, when it holds several GPUs
 
 
 class Farm:
@@ -126,6 +132,8 @@ class Farm:
         self._gpu = False
         self._started = False
         self._owns_ray = False
+        # (load key, GPU GiB) -> Fit: the offload the model loads with on GPUs of that size.
+        self._fits: dict[tuple[str, float], Any] = {}
 
     # --- workers -------------------------------------------------------------------
     @property
@@ -154,11 +162,119 @@ class Farm:
         self._owns_ray = info.started
         # The kind of worker is decided once: losing GPU nodes never makes a CPU farm.
         self._gpu = any(n["Resources"].get("GPU") for n in ray.nodes() if n.get("Alive"))
+        self._check_gpus_per_worker()
         self._fill_slots()
         if not self.workers:
             raise FarmError("the cluster has no node that can hold a worker (no GPU and no CPU free)")
         self._wait_for_workers()
         return self
+
+    def _check_gpus_per_worker(self) -> None:
+        """Refuse ``gpus_per_worker`` larger than every node, before any worker or chunk."""
+        n = self.settings.gpus_per_worker
+        if n == 1:
+            return
+        largest = max(gpus_per_node(self.blocklist).values(), default=0)
+        if n > largest:
+            self.shutdown()
+            raise FarmError(f"`gpus_per_worker` must be at most the GPUs of one node (the largest "
+                            f"node here has {largest}), got {n}")
+
+    # --- memory placement (render/memory.py) ---------------------------------------
+    def gpu_memory_gib(self, w: _Worker) -> float | None:
+        """The memory of ``w``'s GPU: as the worker read it from torch, else as declared
+        (``gpu_memory_gib``), else from its node's Ray ``accelerator_type``; None: unknown
+        (or a CPU worker)."""
+        return self._gpu_memory(w)[0]
+
+    def _gpu_memory(self, w: _Worker) -> tuple[float | None, str]:
+        from reelfarm.render.memory import gpu_gib_of
+
+        if not w.gpus:
+            return None, ""
+        for other in [w, *self.workers]:  # one that came up later: its node's GPUs are alike
+            if other.node_id == w.node_id and other.info and other.info.get("gpu_memory_gib"):
+                return float(other.info["gpu_memory_gib"]), ""
+        if self.settings.gpu_memory_gib:
+            return self.settings.gpu_memory_gib, "gpu_memory_gib"
+        for n in ray.nodes():
+            if n["NodeID"] == w.node_id:
+                kinds = [k.split(":", 1)[1] for k in n["Resources"] if k.startswith("accelerator_type:")]
+                gib = gpu_gib_of(kinds[0]) if kinds else None
+                return (gib, f"accelerator_type {kinds[0]}") if gib else (None, "")
+        return None, ""
+
+    def gpu_label(self, w: _Worker) -> str:
+        """What the manifest and the report show as a worker's GPU: ``NVIDIA H200 (139.8 GiB)``,
+        ``2 x GPU (24 GiB from gpu_memory_gib)``, ``cpu``."""
+        if not w.gpus:
+            return "cpu"
+        gib, source = self._gpu_memory(w)
+        name = (w.info or {}).get("gpu") or "GPU"
+        size = "memory unknown" if gib is None else f"{gib:g} GiB" + (f" from {source}" if source else "")
+        return f"{w.gpus} x {name} ({size})" if w.gpus > 1 else f"{name} ({size})"
+
+    def check_memory(self, shots: list[Any]) -> dict[str, list[str]]:
+        """Fit every shot's largest chunk to the cluster's GPUs before any chunk is sent.
+
+        For each GPU size the workers have, the offload the model needs there is chosen
+        (render/memory.py: only offload, which keeps pixels and content keys) and used when a
+        worker of that size loads it. A chunk that fits no GPU of the cluster is refused.
+        The check is skipped on a CPU farm, and where no GPU's memory is known.
+
+        Returns:
+            shot id -> one line per GPU size (what ``RenderSummary.fits`` shows).
+
+        Raises:
+            PlanError: a chunk fits no GPU here: the model, its size and the largest GPU.
+        """
+        from reelfarm.render.memory import choose_fit, no_fit_message
+
+        sizes = sorted({g for w in self._alive() if (g := self.gpu_memory_gib(w)) is not None})
+        out: dict[str, list[str]] = {}
+        if not sizes:
+            if self._gpu:
+                logger.warning("GPU memory unknown (no worker reads it, no accelerator_type, no "
+                               "`gpu_memory_gib` set): chunks are not fitted to it")
+            return out
+        order = ["none", "model", "group", "sequential"]
+        for shot in shots:
+            model = shot.model
+            if model.backend != "diffusers":
+                continue
+            frames = max(c.num_frames for c in shot.chunks)
+            msg = no_fit_message(model, shot.width, shot.height, frames, sizes[-1],
+                                 where=f"shot {shot.shot_id!r}: ")
+            if msg:
+                raise PlanError(msg)
+            lk = load_key(model)
+            for gib in sizes:
+                fit = choose_fit(model, shot.width, shot.height, frames, gib)
+                if fit is None:  # fits larger cards only: one sent here may run out of memory
+                    out.setdefault(shot.shot_id, []).append(f"{gib:g} GiB: does not fit")
+                    continue
+                out.setdefault(shot.shot_id, []).append(
+                    f"{gib:g} GiB: offload {fit.offload}, peak {fit.peak_gib:g} GiB")
+                held = self._fits.get((lk, gib))
+                if held is None or order.index(fit.offload) > order.index(held.offload):
+                    self._fits[(lk, gib)] = fit
+        return out
+
+    def fitted(self, model: Any, w: _Worker) -> Any:
+        """``model`` as worker ``w`` loads it: with the offload its GPU needs (same content key)."""
+        from reelfarm.render.memory import fitted_model
+
+        if model.backend != "diffusers":
+            return model
+        gib = self.gpu_memory_gib(w)
+        if gib is None:
+            return model
+        lk = load_key(model)
+        # A size not seen at the check (a node that joined since): the fit of the largest
+        # size below it, which needs at least as much offload.
+        below = [g for (k, g) in self._fits if k == lk and g <= gib]
+        fit = self._fits.get((lk, max(below))) if below else None
+        return fitted_model(model, fit) if fit is not None else model
 
     def ensure_started(self) -> Farm:
         """Start on first need: a run with nothing to render never starts Ray."""
@@ -178,15 +294,14 @@ class Farm:
         for ref, w in pings.items():
             try:
                 if ref in ready:
-                    ray.get(ref)
+                    w.info = ray.get(ref)
                     up += 1
                     continue
                 why.append(f"{w.wid}: not up after {time.monotonic() - t0:.0f} s")
             except ray.exceptions.RayError as e:
                 why.append(f"{w.wid}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
             logger.warning("worker %s dropped: %s", w.wid, why[-1])
-            w.alive = False
-            ray.kill(w.handle)
+            self._retire(w)
         if not up:
             self.shutdown()
             raise FarmError(f"no worker started (waited {time.monotonic() - t0:.0f} s of "
@@ -198,7 +313,8 @@ class Farm:
         for w in self.workers:
             if w.alive:
                 have[w.node_id] = have.get(w.node_id, 0) + 1
-        for slot in node_slots(workers=self.settings.workers, exclude=self.blocklist, gpu=self._gpu):
+        for slot in node_slots(workers=self.settings.workers, exclude=self.blocklist, gpu=self._gpu,
+                               gpus_per_worker=self.settings.gpus_per_worker):
             want = slot.gpus or slot.cpus
             for _ in range(want - have.get(slot.node_id, 0)):
                 self._spawn(slot.node_id, gpu=bool(slot.gpus))
@@ -206,16 +322,24 @@ class Farm:
     def _spawn(self, node_id: str, *, gpu: bool) -> _Worker:
         n = next(self._ids)
         wid = f"{node_id[:8]}/{'gpu' if gpu else 'cpu'}-{n}"
+        gpus = self.settings.gpus_per_worker if gpu else 0
         opts: dict[str, Any] = {
-            "num_gpus": 1 if gpu else 0,
+            "num_gpus": gpus,
             "num_cpus": 0 if gpu else 1,
             "max_restarts": 0,  # the scheduler replaces workers itself (see module doc)
             "max_task_retries": 0,
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
         }
+        pg = None
+        if gpus > 1:
+            # Several GPUs for one actor: reserved together on this node (a placement group,
+            # STRICT_PACK, pinned by Ray's node-id label); Ray gives the actor the bundle's GPUs.
+            pg = placement_group([{"GPU": gpus}], strategy="STRICT_PACK",
+                                 bundle_label_selector=[{"ray.io/node-id": node_id}])
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
         handle = _RemoteWorker.options(**opts).remote(wid, self.settings.chunk_delay_s,
                                                       self.settings.checkpoint_policy())
-        w = _Worker(wid=wid, node_id=node_id, handle=handle, gpus=int(gpu))
+        w = _Worker(wid=wid, node_id=node_id, handle=handle, gpus=gpus, pg=pg)
         self.workers.append(w)
         self.stats.workers_started += 1
         return w
@@ -223,15 +347,22 @@ class Farm:
     def _alive(self) -> list[_Worker]:
         return [w for w in self.workers if w.alive]
 
+    def _retire(self, w: _Worker) -> None:
+        """Stop a worker and give back what it reserved (its placement group)."""
+        if w.alive:
+            w.alive = False
+            ray.kill(w.handle)
+        if w.pg is not None:
+            remove_placement_group(w.pg)
+            w.pg = None
+
     def worker_info(self) -> list[dict[str, Any]]:
         return ray.get([w.handle.info.remote() for w in self._alive()])
 
     def shutdown(self) -> None:
         """Stop the workers; and Ray itself when this farm started its own instance."""
         for w in self.workers:
-            if w.alive:
-                ray.kill(w.handle)
-                w.alive = False
+            self._retire(w)
         self.workers = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -295,7 +426,7 @@ class Farm:
             if w.model != lk:
                 self.stats.model_loads += 1
                 w.model = lk
-            ref = w.handle.encode_identity.remote(model, name, image, sha, key, self.store)
+            ref = w.handle.encode_identity.remote(self.fitted(model, w), name, image, sha, key, self.store)
             try:
                 return ray.get(ref)  # a bad reference raises here, before any chunk starts
             except ray.exceptions.RayTaskError as e:
@@ -348,6 +479,11 @@ class Farm:
         if not sched.finished:
             # 2. Identities, once, shared by reference. 3. Dispatch and collect.
             self.ensure_started()
+            # Before anything is encoded or sent: every chunk against the GPUs the cluster has.
+            pending = {id(j.payload[0]): j.payload[0] for j in jobs.values() if j.key not in done}
+            fits = self.check_memory(list(pending.values()))
+            for summary in summaries:
+                summary.fits = fits
             identities: dict[tuple[str, str], Any] = {}
             for plan, _ in runs:
                 identities.update(self.prepare_identities(plan))
@@ -578,7 +714,8 @@ class _Run:
     def _sync_nodes(self) -> None:
         """Tell the scheduler which nodes can hold workers now (joins and losses)."""
         farm, sched = self.farm, self.sched
-        slots = {s.node_id: s for s in node_slots(workers=farm.settings.workers, gpu=farm._gpu)}
+        slots = {s.node_id: s for s in node_slots(workers=farm.settings.workers, gpu=farm._gpu,
+                                                  gpus_per_worker=farm.settings.gpus_per_worker)}
         for node in list(sched.nodes):
             if node not in slots:
                 self._apply(sched.on(NodeDown(node)))
@@ -598,9 +735,7 @@ class _Run:
                 w = self.farm._spawn(d.node, gpu=d.gpu)
                 pending.extend(self.sched.on(WorkerReady(w.wid, w.node_id)))
             elif isinstance(d, Kill):
-                w = self._worker(d.worker)
-                w.alive = False
-                ray.kill(w.handle)
+                self.farm._retire(self._worker(d.worker))
             elif isinstance(d, Requeue):
                 self.manifest.update(d.key, status="planned", error=d.error[:2000])
                 self._announce("chunk_retry", d.key, error=d.error[:500])
@@ -612,7 +747,8 @@ class _Run:
         alive = set(self.sched.alive())
         for wid, w in self.by_id.items():  # workers the scheduler took out are out here too
             if wid not in alive:
-                w.alive = False
+                if w.alive or w.pg is not None:
+                    self.farm._retire(w)
                 self.refs.pop(wid, None)
         running = self.sched.running()
         for wid, key in running.items():  # a chunk starts when it reaches the head of its queue
@@ -644,9 +780,12 @@ class _Run:
         w.model = lk
         names = list(shot.characters)
         refs = [self.identities[(lk, n)] for n in names]
+        fitted = self.farm.fitted(shot.model, w)  # offload its GPU needs: pixels and key unchanged
+        if fitted is not shot.model:
+            shot = shot.model_copy(update={"model": fitted})
         ref = w.handle.render.remote(shot, chunk, self.farm.store, names, *refs, low_memory=d.low_memory,
                                      run_id=self.manifest.run_id, attempt=d.attempt)
         self.refs.setdefault(d.worker, deque()).append(ref)
         self.manifest.update(d.key, status="running", attempts=d.attempt, worker=w.wid, node=w.node_id,
-                             started_at=utcnow())
+                             gpu=self.farm.gpu_label(w), started_at=utcnow())
         return []

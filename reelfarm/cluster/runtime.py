@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 import ray
 
-__all__ = ["ClusterInfo", "NodeSlots", "connect", "draining_nodes", "node_slots"]
+__all__ = ["ClusterInfo", "NodeSlots", "connect", "draining_nodes", "gpus_per_node", "node_slots"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class NodeSlots:
-    """Worker slots on one alive node: ``gpus`` GPU workers or ``cpus`` CPU workers."""
+    """Worker slots on one alive node: ``gpus`` GPU workers or ``cpus`` CPU workers (a GPU
+    worker holds ``gpus_per_worker`` GPUs, see :func:`node_slots`)."""
 
     node_id: str
     address: str
@@ -79,8 +80,9 @@ def draining_nodes() -> set[str]:
 
 
 def node_slots(*, workers: int | None = None, exclude: set[str] | frozenset[str] = frozenset(),
-               gpu: bool | None = None) -> list[NodeSlots]:
-    """Alive nodes and how many workers each can hold: one per GPU, else CPU workers.
+               gpu: bool | None = None, gpus_per_worker: int = 1) -> list[NodeSlots]:
+    """Alive nodes and how many workers each can hold: one per ``gpus_per_worker`` GPUs of
+    the node (a node with fewer holds none), else CPU workers.
 
     With ``gpu`` (default: any GPU in the cluster) only GPU workers are made. Without,
     ``workers`` CPU workers are spread over the nodes (default: one per two cores of this
@@ -93,7 +95,7 @@ def node_slots(*, workers: int | None = None, exclude: set[str] | frozenset[str]
     out = []
     if gpu:
         for n in nodes:
-            g = int(n["Resources"].get("GPU", 0))
+            g = int(n["Resources"].get("GPU", 0)) // gpus_per_worker
             if g:
                 out.append(NodeSlots(n["NodeID"], n.get("NodeManagerAddress", ""), g, 0))
         return out
@@ -105,3 +107,9 @@ def node_slots(*, workers: int | None = None, exclude: set[str] | frozenset[str]
         if share:
             out.append(NodeSlots(n["NodeID"], n.get("NodeManagerAddress", ""), 0, min(share, cap)))
     return out
+
+
+def gpus_per_node(exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, int]:
+    """GPUs of each alive node (hex id), as Ray counts them."""
+    return {n["NodeID"]: int(n["Resources"].get("GPU", 0)) for n in ray.nodes()
+            if n.get("Alive") and n["NodeID"] not in exclude}

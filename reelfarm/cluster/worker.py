@@ -103,6 +103,7 @@ class ChunkWorker:
         self.model_loads = 0
         self.identity_encodes = 0
         self.device = self._pick_device()
+        self._gpus = len(ray.get_gpu_ids()) if ray.is_initialized() else 0  # GPUs Ray gave it
 
     # --- plumbing ----------------------------------------------------------------
     @staticmethod
@@ -118,14 +119,13 @@ class ChunkWorker:
         return "cpu"
 
     def info(self) -> dict[str, Any]:
-        import ray
-
         return {
             "worker": self.worker_id,
             "pid": os.getpid(),
             "node": self.node,
             "node_id": ray.get_runtime_context().get_node_id(),
             "device": self.device,
+            **self._gpu_info(),
             "model": self._backend_key,
             "model_loads": self.model_loads,
             "identity_encodes": self.identity_encodes,
@@ -139,6 +139,16 @@ class ChunkWorker:
         self._checkpoint_now.set()
         return True
 
+    def _gpu_info(self) -> dict[str, Any]:
+        """The GPU this worker renders on: name, total memory (GiB) and how many Ray gave it.
+        On CPU (or on GPUs Ray counts but torch cannot see) name and memory are None."""
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return {"gpu": None, "gpu_memory_gib": None, "gpus": self._gpus}
+        props = torch.cuda.get_device_properties(self.device)
+        return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 2), "gpus": self._gpus}
+
     def _ensure(self, model: AnimaticModel | DiffusersModel) -> bool:
         """Load ``model`` unless it is the one held. Returns True when it loaded."""
         key = load_key(model)
@@ -151,6 +161,10 @@ class ChunkWorker:
         from reelfarm.render.base import load_backend
 
         self._backend = load_backend(model, device=self.device)
+        if self._gpus > 1:  # gpus_per_worker: the chunk split across them (render/parallel.py)
+            from reelfarm.render.parallel import split_backend
+
+            self._backend = split_backend(self._backend, model, self.device, self._gpus)
         self._backend_key = key
         self._low_memory = False
         self.model_loads += 1

@@ -19,6 +19,13 @@ Calibration. ``decode_k`` of LTX-Video 2B and SVD-XT is fitted to peaks measured
 are the VAE decode. Wan 2.1 and CogVideoX **are estimated, not measured** (their GPU runs did
 not finish in the window), as is ``DENOISE_K`` for every family. Torch-free: the planner and
 the CLI import it.
+
+What a fit may change. A chunk's content key is fixed by the planner, before anyone knows
+which GPU renders it, so the settings chosen here to fit a GPU are only those that leave
+pixels as they are: where the weights live (model, group, sequential offload). VAE tiling and
+a smaller SVD decode chunk change pixels; they are never added behind the key. When only they
+would make a chunk fit, the refusal says so and the user puts them in the spec
+(``vae_tiling: true``, ``accel.decode_chunk: N``), where they enter the content key.
 """
 
 from __future__ import annotations
@@ -32,11 +39,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FAMILY_MEMORY", "GPU_CLASSES", "FamilyMemory", "Fit", "choose_fit", "estimate_gib",
-           "largest_fitting", "profile_from_pipeline"]  # fmt: skip
+__all__ = ["ACCELERATOR_GIB", "FAMILY_MEMORY", "GPU_CLASSES", "FamilyMemory", "Fit", "check_plan_fits",
+           "choose_fit", "estimate_gib", "fitted_model", "gpu_gib_of", "largest_fitting",
+           "no_fit_message", "profile_from_pipeline", "shot_peaks"]  # fmt: skip
 
 GIB = 2**30
 GPU_CLASSES = (24, 48, 80, 141)  # GiB: L4/4090, L40S/A6000, A100/H100, H200
+# Ray's accelerator_type -> total memory as torch reports it (GiB). A100 without its variant:
+# the 40 GB card (the smaller, so never an over-estimate).
+ACCELERATOR_GIB: dict[str, float] = {
+    "T4": 14.6, "V100": 15.8, "A10G": 22.1, "L4": 22.0, "L40S": 44.4, "A100": 39.4,
+    "A100-40G": 39.4, "A100-80G": 79.2, "H100": 79.2, "H20": 94.9, "H200": 139.8,
+    "B200": 178.4, "RTX-PRO-6000": 94.9,
+}
 USABLE = 0.92  # of a card's memory: CUDA context, allocator fragmentation
 DENOISE_K = 16.0  # activation elements per token per hidden unit (estimated)
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -122,16 +137,32 @@ FAMILY_MEMORY["wan_vace"] = replace(
 
 @dataclass(frozen=True)
 class Fit:
-    """Settings chosen so a chunk fits a GPU, and the peak they give (GiB)."""
+    """Settings chosen so a chunk fits a GPU, and the peak they give (GiB).
+
+    ``vae_tiling`` and ``decode_chunk`` are the values the chunk renders with (the spec's own,
+    unless ``pixel_options`` names ones added here); ``offload`` never changes pixels.
+    """
 
     offload: str = "none"  # none, model, group, sequential
     vae_tiling: bool = False
     decode_chunk: int | None = None
     peak_gib: float = 0.0
+    pixel_options: tuple[str, ...] = ()  # spec fields added that change pixels ("" when none)
 
     @property
     def changes_pixels(self) -> bool:
-        return self.vae_tiling or self.decode_chunk is not None
+        """True when the fit adds an option that changes pixels (so it cannot be chosen for a
+        chunk whose content key is already fixed: the spec must ask for it)."""
+        return bool(self.pixel_options)
+
+    def spec_hint(self) -> str:
+        """The options as they would be written in the spec (``vae_tiling: true``...)."""
+        parts = [{"vae_tiling": "`vae_tiling: true`",
+                  "decode_chunk": f"`accel.decode_chunk: {self.decode_chunk}`"}[o]
+                 for o in self.pixel_options]
+        if self.offload != "none":
+            parts.append(f"offload {self.offload}")
+        return " with ".join(parts)
 
 
 def _weights(mem: FamilyMemory, dtype: str, fp8: bool) -> dict[str, float]:
@@ -199,34 +230,60 @@ def _spec_offload(model: DiffusersModel) -> str:
 
 
 def choose_fit(model: DiffusersModel, width: int, height: int, frames: int,
-               gpu_gib: float) -> Fit | None:
+               gpu_gib: float, *, keep_pixels: bool = True) -> Fit | None:
     """The cheapest settings under which a chunk fits ``gpu_gib``, or None.
 
-    The spec's own choices are kept; what is added is tried in this order: nothing, model
-    offload, group offload, sequential offload (these leave pixels as they are), then VAE
-    tiling and a smaller SVD decode chunk (these change pixels within the tolerance stated
-    in tests/render/test_accel.py; the chunk's meta records them).
+    The spec's own choices are kept. What is added is tried in this order: nothing, model
+    offload, group offload, sequential offload. These leave pixels as they are, so a chunk
+    renders the same frames on any GPU and its content key (fixed by the planner, before
+    anyone knows the GPU) stays true. With ``keep_pixels=False`` VAE tiling and a smaller
+    SVD decode chunk are tried too: they change pixels (tests/render/test_accel.py states by
+    how much), so the farm never adds them; they are only suggested to the user, whose spec
+    then carries them into the content key (``vae_tiling`` and ``accel.decode_chunk``).
     """
     budget = gpu_gib * USABLE
     offloads = ["none", "model", "group", "sequential"]
     start = offloads.index(_spec_offload(model))
-    candidates: list[Fit] = [Fit(offload=o) for o in offloads[start:]]
     mem = FAMILY_MEMORY[model.family]
-    tiling = [True] if mem.tile else []
-    chunks = [c for c in (8, 4, 2, 1) if model.family == "svd" and c < frames]
-    for o in offloads[start:]:
-        for t in tiling or [False]:
-            candidates.append(Fit(offload=o, vae_tiling=t or model.vae_tiling))
-        for c in chunks:
-            candidates.append(Fit(offload=o, decode_chunk=c))
+    own = Fit(vae_tiling=model.vae_tiling, decode_chunk=model.accel.decode_chunk)
+    candidates: list[Fit] = [replace(own, offload=o) for o in offloads[start:]]
+    if not keep_pixels:
+        tiling = bool(mem.tile) and not model.vae_tiling
+        chunks = [c for c in (8, 4, 2, 1) if model.family == "svd" and c < frames
+                  and c < (model.accel.decode_chunk or frames)]
+        for o in offloads[start:]:
+            if tiling:
+                candidates.append(replace(own, offload=o, vae_tiling=True, pixel_options=("vae_tiling",)))
+            for c in chunks:
+                candidates.append(replace(own, offload=o, decode_chunk=c, pixel_options=("decode_chunk",)))
     for fit in candidates:
-        fit = replace(fit, vae_tiling=fit.vae_tiling or model.vae_tiling,
-                      decode_chunk=fit.decode_chunk or model.accel.decode_chunk)
         peak = estimate_gib(model, width, height, frames, offload=fit.offload,
                             vae_tiling=fit.vae_tiling, decode_chunk=fit.decode_chunk)
         if peak <= budget:
             return replace(fit, peak_gib=round(peak, 2))
     return None
+
+
+def fitted_model(model: DiffusersModel, fit: Fit) -> DiffusersModel:
+    """``model`` with the offload ``fit`` chose, as the worker loads it.
+
+    Only where weights live changes (not in the content key, schemas/accel.py): ``model`` and
+    ``sequential`` are the model's ``offload``; ``group`` is ``accel.group_offload: block``;
+    sequential over a spec's own group offload is ``accel.group_offload: leaf``.
+
+    Raises:
+        ValueError: ``fit`` adds an option that changes pixels.
+    """
+    if fit.changes_pixels:
+        raise ValueError(f"a fit that changes pixels ({', '.join(fit.pixel_options)}) belongs in the spec")
+    if fit.offload == _spec_offload(model):
+        return model
+    if fit.offload == "group":
+        accel = model.accel.model_copy(update={"group_offload": "block"})
+        return model.model_copy(update={"accel": accel, "offload": "none"})
+    if fit.offload == "sequential" and model.accel.group_offload != "none":
+        return model.model_copy(update={"accel": model.accel.model_copy(update={"group_offload": "leaf"})})
+    return model.model_copy(update={"offload": fit.offload})
 
 
 def largest_fitting(model: DiffusersModel, width: int, height: int, frames: int,
@@ -236,6 +293,28 @@ def largest_fitting(model: DiffusersModel, width: int, height: int, frames: int,
         if choose_fit(model, width, height, frames, gib) is not None:
             return gib
     return None
+
+
+def gpu_gib_of(accelerator_type: str | None) -> float | None:
+    """Total memory (GiB, as torch reports it) of a Ray ``accelerator_type``, or None."""
+    return ACCELERATOR_GIB.get(accelerator_type or "")
+
+
+def no_fit_message(model: DiffusersModel, width: int, height: int, frames: int,
+                   largest_gib: float, where: str = "") -> str | None:
+    """Why a chunk of this size fits no GPU of ``largest_gib`` (None when it fits one): the
+    model, the size, what it needs at least, the largest GPU, and a spec change that would
+    make it fit (one that changes pixels, so it is the user's to make)."""
+    if choose_fit(model, width, height, frames, largest_gib) is not None:
+        return None
+    need = estimate_gib(model, width, height, frames, offload="sequential")
+    msg = (f"{where}model `{model.id}` ({model.family}) at {width}x{height}x{frames} needs at "
+           f"least {need:.1f} GiB with every offload, more than the largest GPU ({largest_gib:g} GiB)")
+    hint = choose_fit(model, width, height, frames, largest_gib, keep_pixels=False)
+    if hint is not None:
+        msg += (f"; it fits with {hint.spec_hint()} (changes pixels: set it in the spec, where it "
+                f"enters the content key)")
+    return msg
 
 
 def profile_from_pipeline(pipe: Any, family: str) -> FamilyMemory:
@@ -279,7 +358,8 @@ def shot_peaks(plan: Any) -> dict[str, float | None]:
 
 
 def check_plan_fits(plan: Any, gpus_gib: tuple[float, ...]) -> None:
-    """Refuse a plan with a chunk that fits none of ``gpus_gib``, whatever settings are chosen.
+    """Refuse a plan with a chunk that fits none of ``gpus_gib`` with the settings the farm may
+    choose (offload only: see :func:`choose_fit`).
 
     Raises:
         PlanError: naming the shot, the model, the chunk size and the largest GPU.
@@ -291,11 +371,7 @@ def check_plan_fits(plan: Any, gpus_gib: tuple[float, ...]) -> None:
         if shot.model.backend != "diffusers":
             continue
         frames = max(c.num_frames for c in shot.chunks)
-        if choose_fit(shot.model, shot.width, shot.height, frames, largest) is None:
-            need = estimate_gib(shot.model, shot.width, shot.height, frames, offload="sequential",
-                                vae_tiling=True, decode_chunk=1 if shot.model.family == "svd" else None)
-            raise PlanError(
-                f"shot {shot.shot_id!r}: model `{shot.model.id}` ({shot.model.family}) at "
-                f"{shot.width}x{shot.height}x{frames} needs at least {need:.1f} GiB, more than "
-                f"the largest GPU ({largest:g} GiB)"
-            )
+        msg = no_fit_message(shot.model, shot.width, shot.height, frames, largest,
+                             where=f"shot {shot.shot_id!r}: ")
+        if msg:
+            raise PlanError(msg)

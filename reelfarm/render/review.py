@@ -45,7 +45,7 @@ __all__ = [
 THUMB_WIDTH = 192
 COLUMNS = 6
 LABEL_H = 16
-_MANIFEST_COLUMNS = ("shot_id", "content_key", "status", "attempts", "worker", "node",
+_MANIFEST_COLUMNS = ("shot_id", "content_key", "status", "attempts", "worker", "node", "gpu",
                      "render_s", "est_gpu_s", "error", "steps_saved")
 
 
@@ -110,7 +110,7 @@ def manifest_summary(plan: RenderPlan, manifest: pa.Table | None) -> tuple[dict,
     Returns:
         ``(shots, workers)``: shot id -> {actual_s, retries, chunks, failed, errors,
         steps_saved (sampling steps resumed past from mid-chunk checkpoints)};
-        worker -> {node, chunks, render_s}.
+        worker -> {node, gpu, chunks, render_s}.
     """
     shots: dict[str, dict[str, Any]] = {
         s.shot_id: {"actual_s": None, "retries": 0, "chunks": 0, "failed": 0, "errors": [], "steps_saved": 0}
@@ -137,7 +137,8 @@ def manifest_summary(plan: RenderPlan, manifest: pa.Table | None) -> tuple[dict,
             row["errors"].append(str(cols["error"][i]))
         worker = cols["worker"][i]
         if worker:
-            w = workers.setdefault(worker, {"node": cols["node"][i], "chunks": 0, "render_s": 0.0})
+            w = workers.setdefault(worker, {"node": cols["node"][i], "gpu": cols["gpu"][i], "chunks": 0,
+                                            "render_s": 0.0})
             w["chunks"] += 1
             w["render_s"] += float(render_s or 0.0)
     return shots, workers
@@ -472,12 +473,12 @@ def _workers_section(workers: dict, usage: Mapping[str, Any], media: ReportMedia
         return out + ['<p class="muted">no manifest rows with a worker</p>']
     out += _chart(media, "timeline", "chunks per worker over time, with idle gaps")
     busy = sum(w["render_s"] for w in workers.values()) or 1.0
-    out.append('<table><tr><th>worker</th><th>node</th><th class="n">chunks</th><th class="n">render s</th>'
+    out.append('<table><tr><th>worker</th><th>node</th><th>GPU</th><th class="n">chunks</th><th class="n">render s</th>'
                '<th class="n">share</th><th class="n">busy</th><th class="n">idle s</th></tr>')
     for name, w in sorted(workers.items()):
         u = usage.get(name)
         out.append(
-            f"<tr><td>{e(str(name))}</td><td>{e(str(w['node'] or ''))}</td>"
+            f"<tr><td>{e(str(name))}</td><td>{e(str(w['node'] or ''))}</td><td>{e(str(w.get('gpu') or ''))}</td>"
             f'<td class="n">{w["chunks"]}</td><td class="n">{_num(w["render_s"])}</td>'
             f'<td class="n">{100 * w["render_s"] / busy:.0f}%</td>'
             f'<td class="n">{f"{100 * u.utilisation:.0f}%" if u else "&ndash;"}</td>'

@@ -11,7 +11,8 @@ Which options change pixels (and so enter content keys, see ``flows/plan.py``):
 - ``group_offload`` / ``blocks_per_group`` and ``vae_slicing``: where weights live, and a
   batch of one split in ones. Frames are identical. Not in the key.
 
-(``vae_tiling`` and ``offload`` sit on the model itself: tiling changes pixels, offload does not.)
+(``vae_tiling`` and ``offload`` sit on the model itself: tiling changes pixels, offload does not.
+The farm's memory fit, ``render/memory.py``, only ever adds offload: never tiling or a decode chunk.)
 
 What the schema refuses: a cache the family's denoiser cannot take (SVD's UNet takes no cache
 hook; FasterCache needs a denoiser that batches the unconditional pass, CogVideoX here), an

@@ -29,7 +29,7 @@ MANIFEST_VERSION = 1
 # Columns added with quality control; a manifest without them reads back with nulls.
 QC_COLUMNS = frozenset({"identity_score", "continuity_score", "take", "takes", "qc_flag", "scores"})
 # Columns added later; a manifest without them reads back with nulls too.
-LATER_COLUMNS = QC_COLUMNS | {"steps_saved"}
+LATER_COLUMNS = QC_COLUMNS | {"steps_saved", "gpu"}
 ChunkStatus = Literal["planned", "running", "done", "cached", "failed"]
 
 MANIFEST_SCHEMA = pa.schema(
@@ -53,6 +53,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32(), nullable=False),
         pa.field("worker", pa.string()),
         pa.field("node", pa.string()),
+        pa.field("gpu", pa.string()),  # the worker's GPU: "NVIDIA H200 (139.8 GiB)", "cpu"
         pa.field("started_at", pa.timestamp("us", tz="UTC")),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
         pa.field("render_s", pa.float64()),
@@ -98,6 +99,7 @@ class ManifestRow(BaseModel):
     attempts: int = 0
     worker: str | None = None
     node: str | None = None
+    gpu: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     render_s: float | None = None
@@ -126,7 +128,7 @@ def plan_rows(plan: RenderPlan, run_id: str) -> list[ManifestRow]:
                 frame_end=c.frame_end, num_frames=c.num_frames, overlap=c.overlap, seed=c.seed,
                 content_key=c.key, depends_on=c.depends_on, backend=shot.model.backend,
                 model_id=model_id, est_gpu_s=c.est_gpu_s, status="planned", attempts=0,
-                worker=None, node=None, started_at=None, finished_at=None, render_s=None,
+                worker=None, node=None, gpu=None, started_at=None, finished_at=None, render_s=None,
                 output_url=None, checksum=None, seam_score=None, error=None,
                 identity_score=None, continuity_score=None, take=None, takes=None,
                 qc_flag=None, scores=None, steps_saved=None,

@@ -104,13 +104,19 @@ def test_svd_decode_chunk_stays_near_stock() -> None:
     assert 0 < diff.mean() <= DECODE_TOL
 
 
-def test_fit_to_gpu_chooses_settings_before_the_chunk() -> None:
+def test_fit_to_gpu_never_changes_pixels_behind_the_content_key() -> None:
     be = DiffusersBackend.from_pipeline(tp.build_pipeline("svd"), _model("svd"))
-    # A real SVD-XT chunk on a 24 GiB card: the decode must be chunked (offload cannot help).
-    fit = be.fit_to_gpu(1024, 576, 25, gpu_gib=24)
-    assert fit is not None and fit.decode_chunk is not None and fit.decode_chunk < 25
-    assert be._live().decode_chunk == fit.decode_chunk
-    assert be.fit_to_gpu(1024, 576, 25, gpu_gib=141).decode_chunk is None
+    # A real SVD-XT chunk on a 24 GiB card fits only with a chunked decode, which changes
+    # pixels: the backend does not add it (the key was fixed without it), the decode stays whole.
+    assert be.fit_to_gpu(1024, 576, 25, gpu_gib=24) is None
+    assert be._live().decode_chunk is None and not be.vae_tiling
+    fit = be.fit_to_gpu(1024, 576, 25, gpu_gib=141)
+    assert fit.offload == "none" and fit.decode_chunk is None
+    # Asked for in the spec (and so in the key), the chunked decode is what makes it fit.
+    own = DiffusersBackend.from_pipeline(tp.build_pipeline("svd"), _model("svd", decode_chunk=4))
+    fit = own.fit_to_gpu(1024, 576, 25, gpu_gib=24)
+    assert fit is not None and fit.decode_chunk == 4 and not fit.changes_pixels
+    assert own._live().decode_chunk == 4
 
 
 @pytest.mark.slow

@@ -20,10 +20,12 @@ from reelfarm.flows.plan import plan_film
 from reelfarm.render.diffusers import DiffusersBackend
 from reelfarm.render.memory import (
     GIB,
+    Fit,
     _phases,
     check_plan_fits,
     choose_fit,
     estimate_gib,
+    fitted_model,
     largest_fitting,
     profile_from_pipeline,
     shot_peaks,
@@ -48,31 +50,70 @@ def test_calibration_points_are_reproduced() -> None:
     assert estimate_gib(_m("svd"), 1024, 576, 25) == pytest.approx(64.8, abs=0.05)
 
 
-def test_fit_prefers_settings_that_keep_pixels() -> None:
+def test_fit_chooses_only_settings_that_keep_pixels() -> None:
     wan = _m("wan")
     assert choose_fit(wan, 832, 480, 81, 80).offload == "none"
     assert choose_fit(wan, 832, 480, 81, 48).offload == "model"
     small = choose_fit(wan, 832, 480, 81, 24)
     assert small.offload == "group" and not small.changes_pixels
-    svd = choose_fit(_m("svd"), 1024, 576, 25, 24)
-    assert svd.decode_chunk is not None and svd.changes_pixels  # offload cannot shrink a decode
+    # SVD-XT's whole-clip decode on a 24 GiB card: offload cannot shrink a decode, and the
+    # farm may not add a decode chunk (it changes pixels), so nothing fits...
+    assert choose_fit(_m("svd"), 1024, 576, 25, 24) is None
+    # ...unless the spec asks for the chunked decode itself (then it is in the content key).
+    own = choose_fit(_m("svd", accel={"decode_chunk": 4}), 1024, 576, 25, 24)
+    assert own is not None and own.decode_chunk == 4 and not own.changes_pixels
+    hint = choose_fit(_m("svd"), 1024, 576, 25, 24, keep_pixels=False)
+    assert hint.pixel_options == ("decode_chunk",) and hint.decode_chunk < 25
     assert estimate_gib(_m("wan", accel={"weights": "fp8"}), 832, 480, 81) < estimate_gib(wan, 832, 480, 81)
     assert largest_fitting(_m("ltx"), 768, 512, 121) == 24
+    assert largest_fitting(_m("svd"), 1024, 576, 25) == 80
 
 
-def _film(width: int, height: int, frames: int) -> Film:
+def test_every_fit_the_farm_may_choose_keeps_the_content_key() -> None:
+    """The farm renders a chunk with ``fitted_model(model, fit)``: same key as the spec's."""
+    base = _film(832, 480, 81, family="wan")
+    keys = [c.key for c in plan_film(base).chunks]
+    seen = set()
+    for gib in (141, 48, 24, 12):
+        fit = choose_fit(base.model, 832, 480, 81, gib)
+        if fit is None:
+            continue
+        seen.add(fit.offload)
+        film = base.model_copy(update={"model": fitted_model(base.model, fit)})
+        assert [c.key for c in plan_film(film).chunks] == keys, fit
+    assert seen == {"none", "model", "group", "sequential"}
+    grouped = fitted_model(base.model, Fit(offload="group"))
+    assert grouped.accel.group_offload == "block" and grouped.offload == "none"
+    # The options that change pixels are the spec's, and they change the key.
+    for change in ({"vae_tiling": True}, {"accel": {"decode_chunk": 4}}):
+        svd = _film(1024, 576, 25)
+        model = DiffusersModel(**{**svd.model.model_dump(), **change})
+        other = svd.model_copy(update={"model": model})
+        assert plan_film(other).chunks[0].key != plan_film(svd).chunks[0].key, change
+    with pytest.raises(ValueError, match="changes pixels|change pixels"):
+        fitted_model(base.model, Fit(vae_tiling=True, pixel_options=("vae_tiling",)))
+
+
+def _film(width: int, height: int, frames: int, family: str = "svd") -> Film:
+    dtype = "float16" if family == "svd" else "bfloat16"
     return Film(title="t", resolution=(width, height),
-                model={"backend": "diffusers", "family": "svd", "id": "org/svd", "dtype": "float16"},
+                model={"backend": "diffusers", "family": family, "id": f"org/{family}", "dtype": dtype},
                 scenes=[{"id": "s01", "shots": [{"id": "s01_010", "frames": frames, "prompt": "p"}]}])
 
 
 def test_a_chunk_that_fits_no_gpu_is_refused_at_plan_time() -> None:
     plan = plan_film(_film(1024, 576, 25))
     assert shot_peaks(plan)["s01_010"] == pytest.approx(64.8, abs=0.05)
-    check_plan_fits(plan, (24,))  # fits with a chunked decode
+    check_plan_fits(plan, (80,))
+    # On 24 GiB only a chunked decode fits: the message says so, as a spec change.
+    with pytest.raises(PlanError, match=r"shot 's01_010': model `org/svd` \(svd\) at 1024x576x25 needs at "
+                                        r"least .* GiB with every offload, more than the largest GPU "
+                                        r"\(24 GiB\); it fits with `accel.decode_chunk: \d+`"):
+        check_plan_fits(plan, (24,))
     huge = plan_film(_film(8192, 8192, 25))
     with pytest.raises(PlanError, match=r"shot 's01_010': model `org/svd` \(svd\) at 8192x8192x25 "
-                                        r"needs at least .* GiB, more than the largest GPU \(141 GiB\)"):
+                                        r"needs at least .* GiB with every offload, more than the largest "
+                                        r"GPU \(141 GiB\)$"):
         check_plan_fits(huge, (24, 48, 80, 141))
 
 
@@ -117,3 +158,22 @@ def test_wan_vace_has_a_memory_model_and_a_cost_above_wan():
     assert estimate_gib(vace, 832, 480, 81) > estimate_gib(wan, 832, 480, 81)
     assert FAMILY_COSTS["wan_vace"].step_s > 0
     assert identity_doc(vace)["composite"] == "over white" and "composite" not in identity_doc(wan)
+
+
+def test_reelfarm_plan_prints_peaks_and_refuses_what_fits_no_gpu_class_asked_for(tmp_path):
+    from typer.testing import CliRunner
+
+    from reelfarm.cli import app
+    from tests.films import write_film
+
+    model = {"backend": "diffusers", "family": "svd", "id": "org/svd", "dtype": "float16",
+             "chunk_frames": 25, "overlap": 1}
+    spec = write_film(tmp_path, shots=[{"id": "s01_010", "frames": 25, "prompt": "p"}],
+                      resolution=[1024, 576], model=model)
+    env = {"COLUMNS": "200", "NO_COLOR": "1"}
+    ok = CliRunner().invoke(app, ["plan", str(spec), "--gpu-memory", "80"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "peak GiB" in ok.output and "64.8" in ok.output
+    refused = CliRunner().invoke(app, ["plan", str(spec), "--gpu-memory", "24", "--gpu-memory", "48"], env=env)
+    assert refused.exit_code == 2
+    assert "more than the largest GPU (48 GiB); it fits with `accel.decode_chunk:" in " ".join(refused.output.split())

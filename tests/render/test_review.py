@@ -61,7 +61,7 @@ class _Collect(HTMLParser):
 def test_report_plan_vs_actual_retries_workers_and_links():
     plan = H.three_shot_plan()
     table = manifest_for(plan, rows_extra=[
-        {"attempts": 3, "worker": "gpu-1", "node": "node-b", "render_s": 5.0},
+        {"attempts": 3, "worker": "gpu-1", "node": "node-b", "gpu": "NVIDIA L4 (22 GiB)", "render_s": 5.0},
         {"render_s": None, "worker": None},
         {"status": "failed", "error": "GpuOutOfMemory <b>boom</b>"},
     ])
@@ -69,7 +69,7 @@ def test_report_plan_vs_actual_retries_workers_and_links():
     assert summary["a"]["retries"] == 2 and summary["a"]["failed"] == 1
     assert summary["a"]["actual_s"] == 5.0 + 2.0  # a's three chunks: 5, null, 2
     assert summary["b"]["actual_s"] == 6.0
-    assert workers["gpu-1"] == {"node": "node-b", "chunks": 1, "render_s": 5.0}
+    assert workers["gpu-1"] == {"node": "node-b", "gpu": "NVIDIA L4 (22 GiB)", "chunks": 1, "render_s": 5.0}
     assert workers["gpu-0"]["chunks"] == len(plan.chunks) - 2
 
     html = render_report(plan, manifest=table, seam_scores={"a": [1.0, 3.0], "b": [1.1]},
@@ -83,7 +83,7 @@ def test_report_plan_vs_actual_retries_workers_and_links():
     assert "GpuOutOfMemory <b>boom</b>" in text  # shown as text, not markup
     assert "<b>" not in html.replace("GpuOutOfMemory &lt;b&gt;", "")
     assert '<span class="bad">3.00</span>' in html and '<span class="ok">1.00</span>' in html
-    assert "gpu-1" in text and "node-b" in text
+    assert "gpu-1" in text and "node-b" in text and "NVIDIA L4 (22 GiB)" in text
 
 
 def test_report_escapes_hostile_strings_and_needs_no_manifest():
