@@ -345,8 +345,10 @@ class Stages:
 
     Attributes:
         plan: ``Film -> RenderPlan``, per cell.
-        chunks: :func:`render_chunks`: every cell's chunks on one queue.
-        finish: :func:`finish_cell`: stitch one cell and write its status.
+        chunks: :func:`render_chunks`: every cell's chunks on one queue; it calls back when
+            a cell's own chunks are all done.
+        finish: :func:`finish_cell`: stitch one cell and write its status; for a cell done
+            early, on the stitch thread with no farm (None back: finish it again after).
         publish: called with each cell's result and its name (artifacts); no-op here.
     """
 
