@@ -58,7 +58,8 @@ print("LISTENERS " + json.dumps({"ok": summary["ok"], "listeners": seen[0] if se
 
 def test_embedded_run_listens_on_loopback_only(tmp_path):
     spec = write_film(tmp_path / "spec")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the embedded instance
+    # The embedded Ray instance and Prefect's temporary server: no address for either.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL")}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     proc = subprocess.run([sys.executable, "-c", CHILD, str(spec), str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=300, cwd=os.getcwd())
