@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -451,13 +452,24 @@ class Farm:
         """
         return self.render_many([(plan, manifest)], force=force)[0]
 
-    def render_many(self, runs: list[tuple[RenderPlan, ManifestWriter]], *, force: set[str] | None = None
-                    ) -> list[RenderSummary]:
+    def render_many(self, runs: list[tuple[RenderPlan, ManifestWriter]], *, force: set[str] | None = None,
+                    on_plan_done: Callable[[int, RenderSummary], None] | None = None) -> list[RenderSummary]:
         """Render several plans' missing chunks on one queue (a campaign's cells).
 
         A chunk several plans share (same content key) is rendered once; workers never idle
         at the end of one plan while another has work. One summary per plan, in order: a
-        shared chunk counts as rendered by the first plan that uses it, cached by the others.
+        shared chunk counts as rendered by the plan that finishes (or comes) first, cached
+        by the others.
+
+        Args:
+            runs: each plan and its manifest.
+            force: content keys to render even if committed.
+            on_plan_done: called as ``on_plan_done(i, summary)`` from the farm's loop as soon
+                as every chunk of plan ``i`` is done or failed while other plans still
+                render (a cell's cut can be stitched then). Its summary is final and its
+                manifest flushed; from then on the farm no longer flushes that manifest.
+                It must return at once (hand the work to a thread): the loop waits for it.
+                Plans that finish with the queue are not reported: the caller has them.
         """
         force = force or set()
         group = ManifestGroup([m for _, m in runs])
@@ -476,6 +488,8 @@ class Farm:
         sched = Scheduler(jobs.values(), Rules.from_settings(self.settings), clock=time.monotonic, done=done,
                           blocklist=self.blocklist, node_failures=self._node_failures)
         run: _Run | None = None
+        claimed: set[str] = set()  # rendered keys counted by a plan summarised already
+        reported: set[int] = set()  # plans handed to on_plan_done
         if not sched.finished:
             # 2. Identities, once, shared by reference. 3. Dispatch and collect.
             self.ensure_started()
@@ -488,6 +502,9 @@ class Farm:
             for plan, _ in runs:
                 identities.update(self.prepare_identities(plan))
             run = _Run(self, sched, group, summaries[0], identities, force=force)
+            if on_plan_done is not None:
+                run.watch = self._plan_watch(runs, summaries, sched, run, group, claimed, reported, on_plan_done,
+                                             before=(loads_before, enc_before))
             try:
                 run.loop()
             except BaseException:
@@ -499,7 +516,7 @@ class Farm:
                         row.status = "planned"
                 group.flush(force=True)
                 raise
-        self._summarise(runs, summaries, sched, run)
+        self._summarise(runs, summaries, sched, run, claimed=claimed, only=set(range(len(runs))) - reported)
         group.flush(force=True)
         self.stats.rendered += len(sched.rendered)
         self.stats.retries += sched.retries
@@ -508,11 +525,12 @@ class Farm:
         return summaries
 
     def _summarise(self, runs: list[tuple[RenderPlan, ManifestWriter]], summaries: list[RenderSummary],
-                   sched: Scheduler, run: _Run | None) -> None:
-        """Each plan's share of what the one queue did."""
-        claimed: set[str] = set()  # rendered keys already counted by an earlier plan
+                   sched: Scheduler, run: _Run | None, *, claimed: set[str], only: set[int]) -> None:
+        """Each plan's share of what the one queue did: plans ``only``; ``claimed``: keys counted."""
         rendered = set(sched.rendered)
-        for (plan, manifest), summary in zip(runs, summaries):
+        for i, ((plan, manifest), summary) in enumerate(zip(runs, summaries)):
+            if i not in only:
+                continue
             keys = [c.key for c in plan.chunks]
             unique = list(dict.fromkeys(keys))
             mine = [k for k in unique if k in rendered and k not in claimed]
@@ -533,6 +551,34 @@ class Farm:
                 summary.nodes_used |= run.summary.nodes_used
                 summary.workers_used |= run.summary.workers_used
             summary.blocklisted |= self.blocklist
+
+    def _plan_watch(self, runs: list[tuple[RenderPlan, ManifestWriter]], summaries: list[RenderSummary],
+                    sched: Scheduler, run: _Run, group: ManifestGroup, claimed: set[str], reported: set[int],
+                    on_plan_done: Callable[[int, RenderSummary], None], *, before: tuple[int, int]
+                    ) -> Callable[[], None]:
+        """The loop's check for plans whose chunks are all settled (``render_many``'s hook)."""
+        keys = [{c.key for c in plan.chunks} for plan, _ in runs]
+        seen = -1
+
+        def watch() -> None:
+            nonlocal seen
+            settled = len(sched.done) + len(sched.failed)
+            if settled == seen:  # nothing finished since the last look
+                return
+            seen = settled
+            for i, ((_, manifest), summary) in enumerate(zip(runs, summaries)):
+                if i in reported or not all(k in sched.done or k in sched.failed for k in keys[i]):
+                    continue
+                reported.add(i)
+                self._summarise(runs, summaries, sched, run, claimed=claimed, only={i})
+                if i == 0:  # the run's counters so far (the rest lands here when the queue ends)
+                    summary.model_loads = self.stats.model_loads - before[0]
+                    summary.identity_encodes = self.stats.identity_encodes - before[1]
+                manifest.flush(force=True)
+                group.writers.remove(manifest)  # the caller's now: the farm no longer writes it
+                on_plan_done(i, summary)
+
+        return watch
 
     def _committed(self, plan: RenderPlan, manifest: ManifestWriter, summary: RenderSummary,
                    force: set[str]) -> set[str]:
@@ -570,6 +616,7 @@ class _Run:
         ttl = farm.settings.lease_ttl_s
         self.leases = Leases(farm.store, f"{manifest.run_id}/{uuid.uuid4().hex[:8]}", ttl_s=ttl)
         self._renew_s = ttl / 3
+        self.watch: Callable[[], None] | None = None  # called each turn of the loop (render_many's hook)
 
     def loop(self) -> None:
         farm, sched = self.farm, self.sched
@@ -579,6 +626,8 @@ class _Run:
         self._sync_nodes()
         last_flush = last_sync = last_renew = last_held = last_drain = time.monotonic()
         while not sched.finished:
+            if self.watch is not None:
+                self.watch()
             inflight = {q[0]: wid for wid, q in self.refs.items() if q and self.by_id[wid].alive}
             if not inflight:
                 if not sched.alive():

@@ -1,22 +1,28 @@
 """Start or join Ray, in one place, and see what the cluster offers.
 
 With no address (and no ``RAY_ADDRESS``) an embedded local instance of reelfarm's own is
-started, sized to the machine, dashboard on loopback: never a cluster another process
-started here. With an address (``auto``, ``HOST:PORT``, ``ray://...``, or ``RAY_ADDRESS``)
-an existing cluster is joined. Ray's token authentication is left as Ray sets it (on by default since 2.52).
+started, sized to the machine, on loopback only (see :func:`_loopback_node`): never a
+cluster another process started here. With an address (``auto``, ``HOST:PORT``,
+``ray://...``, or ``RAY_ADDRESS``) an existing cluster is joined, as Ray does it. Ray's
+token authentication is left as Ray sets it (on by default since 2.52).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
 
-__all__ = ["ClusterInfo", "NodeSlots", "connect", "draining_nodes", "gpus_per_node", "node_slots"]
+__all__ = ["ClusterInfo", "NodeSlots", "connect", "draining_nodes", "gpus_per_node", "is_loopback",
+           "node_slots"]
 
 logger = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,42 @@ class ClusterInfo:
     cpus: float
 
 
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While an embedded instance starts: its node IP is 127.0.0.1, so every server binds loopback.
+
+    Ray binds its servers by the node IP: the GCS, raylet, object manager and core
+    workers' gRPC servers listen on 127.0.0.1 when the node IP is 127.0.0.1 and on every
+    interface otherwise; the dashboard agent, runtime-env agent and the monitor's and
+    dashboard's metrics bind the node IP itself. But ``ray.init(_node_ip_address=
+    "127.0.0.1")`` alone does nothing: ``ray.init`` passes it through
+    ``services.resolve_ip_for_localhost``, which turns a loopback address into the
+    machine's routable IP unless ``ray_constants.ENABLE_RAY_CLUSTER`` is false (Ray's
+    switch for single-machine Ray on macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+    read once at import). So the switch is off for the start only: the node's processes
+    get the IP on their command lines and keep it; the switch is back on before anything
+    else (a later join of a real cluster) could read it.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP, IPv4-mapped IPv6 included) is a loopback address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
             include_dashboard: bool = False, dashboard_host: str = "127.0.0.1") -> ClusterInfo:
     """Join ``address`` or start a local Ray instance; reuse one already running here."""
@@ -53,9 +95,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             # started on this machine (which a bare ray.init() would join). Token auth
             # stays on as Ray sets it; only its notice, printed on every run, is quietened.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                     include_dashboard=include_dashboard, dashboard_host=dashboard_host, **kwargs)
+            with _loopback_node():
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address=LOOPBACK,
+                         include_dashboard=include_dashboard, dashboard_host=dashboard_host, **kwargs)
             started = True
+            node_ip = ray._private.worker.global_worker.node.node_ip_address
+            if not is_loopback(node_ip):  # a Ray whose switch moved: say so, the test will too
+                logger.warning("embedded Ray runs on %s, not loopback: its servers listen on every "
+                               "interface", node_ip)
     res = ray.cluster_resources()
     info = ClusterInfo(
         started=started,

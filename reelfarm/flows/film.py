@@ -3,9 +3,11 @@
 Each flow decorates the one run function, :func:`reelfarm.flows.render.run_job`, and adds
 only what Prefect adds: task records for validate, plan, keyframes, render-chunks and stitch, a per-shot
 table artifact, a retry for retryable failures, and deployments. Prefect works at stage
-level; Ray works at chunk level inside ``render-chunks``. A Prefect task per chunk
-would be the wrong grain: every task run costs an API round trip, and through prefect-ray
-every Ray worker starts its own temporary Prefect server. Resume never depends on
+level; Ray works at chunk level inside ``render-chunks``. A campaign cell whose chunks are
+done while others render is stitched at once, on a thread, as a ``stitch`` task of the flow
+beside ``render-chunks``. A Prefect task per chunk would be the wrong grain: every task
+run costs an API round trip, and through prefect-ray every Ray worker starts its own
+temporary Prefect server. Resume never depends on
 Prefect's result cache: storage (content keys) decides what is done.
 """
 

@@ -4,16 +4,22 @@
         write run documents -> one farm for every cell -> per cell: plan, render the
         missing chunks, stitch the deliverables, write status and manifest
 
+A campaign's cells share one queue; a cell whose chunks are all done is stitched on a
+thread of the driver while the others still render (its cut is out before the campaign
+ends), the rest once the queue is empty.
+
 Nothing here imports Prefect. :mod:`reelfarm.flows.film` decorates :func:`run_job` as
 flows and passes :class:`Stages` whose steps are Prefect tasks; that is all Prefect adds.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -225,13 +231,26 @@ def keyframe_stage(cells: list[Cell], store: ChunkStore, settings: Settings) -> 
     return render_keyframes([c.plan for c in cells], store, storage_options=settings.storage_options)
 
 
-def render_chunks(farm: Farm, cells: list[Cell]) -> list[RenderSummary]:
-    """Every cell's missing chunks on one queue (identical chunks once); a summary per cell."""
-    return farm.render_many([(c.plan, c.manifest) for c in cells])
+def render_chunks(farm: Farm, cells: list[Cell],
+                  on_cell_done: Callable[[int, RenderSummary], None] | None = None) -> list[RenderSummary]:
+    """Every cell's missing chunks on one queue (identical chunks once); a summary per cell.
+
+    ``on_cell_done(i, summary)`` is called as soon as cell ``i``'s chunks are all done
+    while others still render (see ``Farm.render_many``)."""
+    return farm.render_many([(c.plan, c.manifest) for c in cells], on_plan_done=on_cell_done)
 
 
-def finish_cell(cell: Cell, summary: RenderSummary, farm: Farm, store: ChunkStore) -> RunResult:
-    """Stitch a cell whose chunks are rendered (or its good shots, when some failed); status."""
+class RerenderNeeded(Exception):
+    """An early stitch found chunks unreadable: the cell is finished after the queue."""
+
+
+def finish_cell(cell: Cell, summary: RenderSummary, farm: Farm | None, store: ChunkStore) -> RunResult | None:
+    """Stitch a cell whose chunks are rendered (or its good shots, when some failed); status.
+
+    ``farm`` renders again a chunk stitching finds unreadable. Without one (an early
+    stitch while the farm's queue runs) such a cell returns None, nothing written, and is
+    finished again once the farm is free.
+    """
     plan, manifest, out_url, output = cell.plan, cell.manifest, cell.out_url, cell.output
     run_id, prefix = manifest.run_id, cell.prefix
     out = OutputFolder(out_url, storage_options=store.storage_options)
@@ -241,6 +260,10 @@ def finish_cell(cell: Cell, summary: RenderSummary, farm: Farm, store: ChunkStor
         events.emit("stitch_start", run_id=run_id, cell=prefix)
         try:
             _stitch(result, farm, store, manifest, formats=tuple(output.formats), crf=output.crf, review=review)
+        except RerenderNeeded as e:
+            logger.warning("cell %s: %s; stitched again after the queue", prefix or "-", e)
+            events.emit("stitch_done", run_id=run_id, cell=prefix, error=f"deferred: {e}")
+            return None
         except OSError as e:
             # OUT's storage failed (full, gone, read-only). Every deliverable is published
             # whole or not at all, and every chunk is kept: `reelfarm resume OUT` finishes it.
@@ -263,7 +286,7 @@ def finish_cell(cell: Cell, summary: RenderSummary, farm: Farm, store: ChunkStor
     return result
 
 
-def _stitch(result: RunResult, farm: Farm, store: ChunkStore, manifest: ManifestWriter, *,
+def _stitch(result: RunResult, farm: Farm | None, store: ChunkStore, manifest: ManifestWriter, *,
             formats: tuple[str, ...], crf: int, review: dict[str, bool]) -> None:
     """Stitch; a chunk found missing or corrupt is rendered again and stitching retried."""
     from reelfarm.render.stitch import stitch_film
@@ -278,6 +301,8 @@ def _stitch(result: RunResult, farm: Farm, store: ChunkStore, manifest: Manifest
             bad = set(e.keys) & {c.key for c in plan.chunks}
             if not bad or round_ == STITCH_ROUNDS - 1:
                 raise
+            if farm is None:  # the farm's queue is running: not now
+                raise RerenderNeeded(f"{len(bad)} chunk(s) unreadable") from e
             logger.warning("stitching found %d chunk(s) unreadable (%s): rendering again", len(bad), e)
             again = farm.render(plan, manifest, force=bad)
             summary.rendered.extend(again.rendered)
@@ -334,8 +359,10 @@ class Stages:
     Attributes:
         plan: ``Film -> RenderPlan``, per cell.
         keyframes: :func:`keyframe_stage`: every cell's keyframes, before any chunk.
-        chunks: :func:`render_chunks`: every cell's chunks on one queue.
-        finish: :func:`finish_cell`: stitch one cell and write its status.
+        chunks: :func:`render_chunks`: every cell's chunks on one queue; it calls back when
+            a cell's own chunks are all done.
+        finish: :func:`finish_cell`: stitch one cell and write its status; for a cell done
+            early, on the stitch thread with no farm (None back: finish it again after).
         publish: called with each cell's result and its name (artifacts); no-op here.
     """
 
@@ -378,6 +405,12 @@ def run_job(job: RunJob, settings: Settings | None = None, *, farm: Farm | None 
     farm = farm or Farm(store, settings).check()  # Ray starts when a chunk must render
     farm.store = store
     results: dict[str, RunResult] = {}
+    # Cells whose chunks are done while others render are stitched on this thread, one at
+    # a time (stitching is ffmpeg and numpy on the driver; the farm's loop keeps the GPUs
+    # fed meanwhile). Each stitch runs in a copy of this context, taken here, so Prefect
+    # records it as a task of the flow, not of render-chunks.
+    stitcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reelfarm-stitch")
+    early: dict[int, Future] = {}
     try:
         # Every cell's chunks on one queue, then each cell's deliverables.
         cells = [begin_cell(stages.plan(film), store, run_id=run_id or new_run_id(), prefix=cell,
@@ -386,12 +419,20 @@ def run_job(job: RunJob, settings: Settings | None = None, *, farm: Farm | None 
         keyframes = stages.keyframes(cells, store, settings)  # before any chunk starts
         for cell in cells:
             cell.keyframes = keyframes
-        summaries = stages.chunks(farm, cells)
-        for (name, _), cell, summary in zip(job.cells, cells, summaries):
-            result = stages.finish(cell, summary, farm, store)
+        contexts = [contextvars.copy_context() for _ in cells]
+
+        def cell_done(i: int, summary: RenderSummary) -> None:
+            early[i] = stitcher.submit(contexts[i].run, stages.finish, cells[i], summary, None, store)
+
+        summaries = stages.chunks(farm, cells, cell_done if len(cells) > 1 else None)
+        for i, ((name, _), cell, summary) in enumerate(zip(job.cells, cells, summaries)):
+            result = early[i].result() if i in early else None
+            if result is None:  # not done early, or its early stitch needs the farm
+                result = stages.finish(cell, summary, farm, store)
             stages.publish(result, name)
             results[name] = result
     finally:
+        stitcher.shutdown(wait=True, cancel_futures=True)
         if own:
             farm.shutdown()
     return results
