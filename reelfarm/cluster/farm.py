@@ -57,7 +57,7 @@ __all__ = ["Farm", "FarmStats", "RenderSummary"]
 
 logger = logging.getLogger(__name__)
 # One chunk at a time (the default group); "control" calls (checkpoint_now) run beside it.
-_RemoteWorker = ray.remote(concurrency_groups={"control": 1})(ChunkWorker)
+_RemoteWorker = ray.remote(concurrency_groups={"control": 1})(ChunkWorker)  # type: ignore[call-overload]
 NODE_SYNC_S = 5.0  # how often the cluster's nodes are read again during a render
 HELD_POLL_S = 1.0  # how often chunks another run holds are looked at
 DRAIN_POLL_S = 1.0  # how often Ray is asked which nodes it is draining

@@ -99,7 +99,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                 ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address=LOOPBACK,
                          include_dashboard=include_dashboard, dashboard_host=dashboard_host, **kwargs)
             started = True
-            node_ip = ray._private.worker.global_worker.node.node_ip_address
+            node = ray._private.worker.global_worker.node
+            node_ip = node.node_ip_address if node is not None else LOOPBACK
             if not is_loopback(node_ip):  # a Ray whose switch moved: say so, the test will too
                 logger.warning("embedded Ray runs on %s, not loopback: its servers listen on every "
                                "interface", node_ip)
