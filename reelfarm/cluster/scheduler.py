@@ -611,8 +611,11 @@ class Scheduler:
         if w.model is not None and not self._unstarted:  # the usual case: its own model's best
             own_heaps = [h for (m, _), h in self._heaps.items() if m == w.model and h]
             if len(own_heaps) == 1 and not (multi and own_heaps[0][0][2].avoid == w.wid):
-                self._n_ready -= 1
-                return heapq.heappop(own_heaps[0])[2]
+                # ...unless another model's chain is the critical path (the same test as below).
+                limit = AFFINITY_YIELD * -own_heaps[0][0][0]
+                if not multi or all(-h[0][0] <= limit for (m, _), h in self._heaps.items() if m != w.model and h):
+                    self._n_ready -= 1
+                    return heapq.heappop(own_heaps[0])[2]
         best: tuple[Any, int] | None = None  # (heap, index) per tier: probe, own model, any
         own: tuple[Any, int] | None = None
         probe: tuple[Any, int] | None = None
