@@ -160,6 +160,9 @@ class SimSpec:
         seed: the preemption draw.
         rules: the scheduler's policy.
         learn: the scheduler learns costs from measured chunks.
+        chunk_overhead_s: seconds each chunk holds its worker beyond its GPU time (reading the
+            chunk it continues from, encoding and committing its frames, the driver's round
+            trip); not part of the bound, which counts GPU time only.
     """
 
     gpus: int
@@ -172,6 +175,7 @@ class SimSpec:
     seed: int = 0
     rules: Rules = field(default_factory=Rules)
     learn: bool = True
+    chunk_overhead_s: float = 0.0
 
 
 @dataclass
@@ -301,7 +305,8 @@ class _Sim:
         self.started[wid] = self.now
         cost, _ = self.costs[key]
         load = self.family_load[self.sched.jobs[key].model] if loads else 0.0
-        self.push(self.now + load + cost - self.saved.get(key, 0.0), _FINISH, wid, self.token[wid])
+        self.push(self.now + load + cost + self.spec.chunk_overhead_s - self.saved.get(key, 0.0), _FINISH, wid,
+                  self.token[wid])
 
     def stop(self, wid: str) -> None:
         """``wid`` is gone: its running chunk keeps only what it checkpointed."""
@@ -329,7 +334,7 @@ class _Sim:
         cost, _ = self.costs[key]
         load = self.family_load[self.sched.jobs[key].model] if loads else 0.0
         self.load_total += load
-        seconds = load + cost - self.saved.pop(key, 0.0)  # what the worker would report
+        seconds = load + cost + self.spec.chunk_overhead_s - self.saved.pop(key, 0.0)  # what the worker reports
         if q:  # the actor starts its next queued call before the driver hears of this one
             self.start(wid)
         self.apply(self.sched.on(ChunkDone(wid, key, seconds=seconds)))
