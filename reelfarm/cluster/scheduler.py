@@ -129,7 +129,7 @@ class Rules:
 
     max_attempts: int = 3
     node_failure_limit: int = 3
-    queue_depth: int = 2
+    queue_depth: int = 1  # as Settings: the simulator (``reelfarm plan --gpus``) must run what the farm runs
     timeout_factor: float = 10.0
     timeout_floor_s: float = 600.0
     load_timeout_s: float = 1800.0
