@@ -359,8 +359,9 @@ class Scheduler:
         self._started: set[str] = set()  # cost classes with a chunk submitted
         self._unstarted = {j.cost or j.model for j in self.jobs.values()}  # not yet probed
         self._n_ready = 0
-        # Chunks waiting on a key: one task, or a list when several continue from it (rare).
-        self._waiting: dict[str, _Task | list[_Task]] = {}
+        # Chunks waiting on a key: one, or a list when several continue from it (rare); a job
+        # never tried waits as its Job (no task yet: 100,000 chunks mostly wait).
+        self._waiting: dict[str, Job | _Task | list[Job | _Task]] = {}
         self._seq = itertools.count()
         self._out: list[Decision] = []
         self._hungry: set[str] = set()  # alive workers with room in their queue
@@ -382,7 +383,7 @@ class Scheduler:
         self.remaining = 0
         for job in self.jobs.values():
             if job.key not in self.done:
-                self._add(_Task(job, self._chain[job.key]))
+                self._add(job)
 
     # --- public ---------------------------------------------------------------------------
     @property
@@ -551,27 +552,30 @@ class Scheduler:
                 self._fill_slots()
 
     # --- queue ----------------------------------------------------------------------------
-    def _add(self, task: _Task) -> None:
+    def _add(self, item: Job | _Task) -> None:
+        """A chunk to render: ready, or waiting on the chunk it continues from. A job not yet
+        tried waits as itself; its task (attempts, priority) is made when it is ready."""
         self.remaining += 1
-        dep = task.job.depends_on
+        dep = item.depends_on if isinstance(item, Job) else item.job.depends_on
         if dep and dep not in self.done:
-            self._wait_on(dep, task)
+            self._wait_on(dep, item)
         else:
-            self._make_ready(task)
+            self._make_ready(item if isinstance(item, _Task) else _Task(item, 0.0))
 
-    def _wait_on(self, dep: str, task: _Task) -> None:
+    def _wait_on(self, dep: str, item: Job | _Task) -> None:
         held = self._waiting.get(dep)
         if held is None:
-            self._waiting[dep] = task  # the usual case: one chunk continues from ``dep``
+            self._waiting[dep] = item  # the usual case: one chunk continues from ``dep``
         elif isinstance(held, list):
-            held.append(task)
+            held.append(item)
         else:
-            self._waiting[dep] = [held, task]
+            self._waiting[dep] = [held, item]
 
     def _unwait(self, key: str) -> list[_Task]:
         """The chunks that waited on ``key``, no longer waiting."""
         held = self._waiting.pop(key, None)
-        return [] if held is None else held if isinstance(held, list) else [held]
+        items = [] if held is None else held if isinstance(held, list) else [held]
+        return [t if isinstance(t, _Task) else _Task(t, 0.0) for t in items]
 
     def _make_ready(self, task: _Task) -> None:
         job = task.job
