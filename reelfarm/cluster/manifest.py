@@ -24,6 +24,7 @@ __all__ = ["ManifestGroup", "ManifestWriter", "read_manifest", "utcnow"]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.parquet"
+FLUSH_SHARE = 0.05  # the most of the driver's time periodic manifest writes may take
 
 
 def utcnow() -> datetime:
@@ -62,6 +63,7 @@ class ManifestWriter:
                 else:
                     by_key[row.content_key] = [held, row]
         self._last = 0.0
+        self._took = 0.0  # how long the last flush took
         self._dirty = True
 
     def _rows(self, key: str) -> list[ManifestRow]:
@@ -82,8 +84,15 @@ class ManifestWriter:
         return rows_to_table(self.rows)
 
     def flush(self, *, force: bool = False) -> None:
+        """Write the table if it changed, at most every ``flush_s`` (``force``: now).
+
+        A big manifest is written less often: never more than FLUSH_SHARE of the driver's time
+        (a 100,000-row table takes about a second to write; every 2 s would halve dispatch).
+        ``flush_s=0`` still writes every time (tests, drills).
+        """
         now = time.monotonic()
-        if not self._dirty or (not force and now - self._last < self.flush_s):
+        gap = max(self.flush_s, self._took / FLUSH_SHARE) if self.flush_s > 0 else 0.0
+        if not self._dirty or (not force and now - self._last < gap):
             return
         buf = io.BytesIO()
         pq.write_table(self.table(), buf, compression="zstd")
@@ -91,7 +100,8 @@ class ManifestWriter:
         base = f"{self.prefix}/" if self.prefix else ""
         self.store.write_bytes_atomic(f"{base}runs/{self.run_id}/{MANIFEST}", data)
         self.store.write_bytes_atomic(f"{base}{MANIFEST}", data)
-        self._last = now
+        self._last = time.monotonic()
+        self._took = self._last - now
         self._dirty = False
 
 
