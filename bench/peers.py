@@ -549,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
 
     doc["machine"] = {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
                       "python": platform.python_version(), "load_at_start": load}
+    doc.setdefault("load_at_start_by_run", {})[f"{args.sections} {' '.join(map(str, args.sizes))}"] = load
     doc["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     write(doc, args.out)
     return 0
@@ -677,7 +678,11 @@ def write(doc: dict[str, Any], out: str) -> None:
                 md.append(f"| {label} | {x.get('chunks', r['chunks']):,} | {x['median_s']:.2f} | "
                           f"{', '.join(f'{w:.2f}' for w in x['runs_s'])} | "
                           f"{', '.join(f'{c:.2f}' for c in x['cpu_s'])} |")
-    md += ["", "## Targets (issue 14)", "", *verdict(doc), "", "## How each peer was written", "",
+    if doc.get("load_at_start_by_run"):
+        md += ["", "Load average at the start of each invocation (sections, sizes): "
+               + "; ".join(f"{k}: {v:.1f}" for k, v in doc["load_at_start_by_run"].items()) + "."]
+    md += ["", "## Targets (issue 14)", "", *verdict(doc), *doc.get("notes", []), "",
+           "## How each peer was written", "",
            *HOW.strip().splitlines()]
     Path(out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
