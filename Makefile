@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -c infra/requirements.lock -e ".[test,bench]"
 	$(PY) -m bench
 
 lint: $(STAMP)

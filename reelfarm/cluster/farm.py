@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ from reelfarm.cluster.scheduler import (
     WorkerDown,
     WorkerReady,
 )
-from reelfarm.cluster.store import ChunkStore
+from reelfarm.cluster.store import ChunkRecord, ChunkStore
 from reelfarm.cluster.worker import ChunkWorker, RenderReply, load_key
 from reelfarm.errors import FarmError, PlanError, RenderError
 from reelfarm.render.identity import IdentityBundle, identity_key
@@ -61,6 +62,7 @@ _RemoteWorker = ray.remote(concurrency_groups={"control": 1})(ChunkWorker)  # ty
 NODE_SYNC_S = 5.0  # how often the cluster's nodes are read again during a render
 HELD_POLL_S = 1.0  # how often chunks another run holds are looked at
 DRAIN_POLL_S = 1.0  # how often Ray is asked which nodes it is draining
+SCAN_THREADS = 16  # requests in flight when a run looks for committed chunks on an object store
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
          ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
 
@@ -480,11 +482,13 @@ class Farm:
         for (plan, manifest), summary in zip(runs, summaries):
             done |= self._committed(plan, manifest, summary, force)
         jobs: dict[str, Job] = {}
+        keys: dict[int, str] = {}  # id(model) -> its load key (a hash): shots share their film's model
         for plan, _ in runs:
             for shot in plan.shots:
+                lk = keys.get(id(shot.model)) or keys.setdefault(id(shot.model), load_key(shot.model))
                 for c in shot.chunks:
-                    jobs.setdefault(c.key, Job(c.key, c.name, shot.shot_id, c.est_gpu_s, load_key(shot.model),
-                                               c.depends_on, (shot, c)))
+                    if c.key not in jobs:
+                        jobs[c.key] = Job(c.key, c.name, shot.shot_id, c.est_gpu_s, lk, c.depends_on, (shot, c))
         sched = Scheduler(jobs.values(), Rules.from_settings(self.settings), clock=time.monotonic, done=done,
                           blocklist=self.blocklist, node_failures=self._node_failures)
         run: _Run | None = None
@@ -580,12 +584,25 @@ class Farm:
 
         return watch
 
+    def _scan(self, keys: list[str]) -> dict[str, ChunkRecord]:
+        """The records of the committed chunks among ``keys``. An object store is asked by
+        SCAN_THREADS threads at once (a request each is latency, not work); a local disk in turn."""
+        unique = list(dict.fromkeys(keys))
+        if self.store.local or len(unique) < 2 * SCAN_THREADS:
+            records = [self.store.committed(k) for k in unique]
+        else:
+            with ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="reelfarm-scan") as pool:
+                records = list(pool.map(self.store.committed, unique))
+        return {k: r for k, r in zip(unique, records) if r is not None}
+
     def _committed(self, plan: RenderPlan, manifest: ManifestWriter, summary: RenderSummary,
                    force: set[str]) -> set[str]:
         """Keys already committed, recorded as cached in the manifest (rule 1)."""
         done: set[str] = set()
+        found = self._scan([c.key for c in plan.chunks if c.key not in force])
         for c in plan.chunks:
-            if c.key in force or not self.store.is_complete(c.key):
+            rec = found.get(c.key)
+            if rec is None:
                 continue
             done.add(c.key)
             if manifest.get(c.key).status == "done":
@@ -593,9 +610,7 @@ class Farm:
             summary.cached.append(c.key)
             events.emit("chunk_cached", run_id=manifest.run_id, shot=c.name.split("/")[0], chunk=c.name,
                         key=c.key, frames=c.frame_end - c.frame_start)
-            rec = self.store.record(c.key)
-            manifest.update(c.key, status="cached", output_url=rec.url if rec else None,
-                            checksum=rec.checksum if rec else None)
+            manifest.update(c.key, status="cached", output_url=rec.url, checksum=rec.checksum)
         manifest.flush(force=True)
         return done
 

@@ -24,6 +24,7 @@ __all__ = ["ManifestGroup", "ManifestWriter", "read_manifest", "utcnow"]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.parquet"
+FLUSH_SHARE = 0.05  # the most of the driver's time periodic manifest writes may take
 
 
 def utcnow() -> datetime:
@@ -51,27 +52,47 @@ class ManifestWriter:
         self.run_id = run_id
         self.flush_s = flush_s
         self.rows: list[ManifestRow] = plan_rows(plan, run_id)
-        self._by_key: dict[str, list[ManifestRow]] = {}
+        # key -> its row, or a list of rows where several chunks share a content key (rare)
+        self._by_key: dict[str, ManifestRow | list[ManifestRow]] = {}
+        by_key = self._by_key
         for row in self.rows:
-            self._by_key.setdefault(row.content_key, []).append(row)
+            held = by_key.setdefault(row.content_key, row)
+            if held is not row:
+                if isinstance(held, list):
+                    held.append(row)
+                else:
+                    by_key[row.content_key] = [held, row]
         self._last = 0.0
+        self._took = 0.0  # how long the last flush took
         self._dirty = True
 
+    def _rows(self, key: str) -> list[ManifestRow]:
+        held = self._by_key.get(key)
+        return [] if held is None else held if isinstance(held, list) else [held]
+
     def update(self, key: str, **fields: Any) -> None:
-        for row in self._by_key.get(key, []):
+        for row in self._rows(key):
             for name, value in fields.items():
                 setattr(row, name, value)
         self._dirty = True
 
     def get(self, key: str) -> ManifestRow:
-        return self._by_key[key][0]
+        held = self._by_key[key]
+        return held[0] if isinstance(held, list) else held
 
     def table(self) -> pa.Table:
         return rows_to_table(self.rows)
 
     def flush(self, *, force: bool = False) -> None:
+        """Write the table if it changed, at most every ``flush_s`` (``force``: now).
+
+        A big manifest is written less often: never more than FLUSH_SHARE of the driver's time
+        (a 100,000-row table takes about a second to write; every 2 s would halve dispatch).
+        ``flush_s=0`` still writes every time (tests, drills).
+        """
         now = time.monotonic()
-        if not self._dirty or (not force and now - self._last < self.flush_s):
+        gap = max(self.flush_s, self._took / FLUSH_SHARE) if self.flush_s > 0 else 0.0
+        if not self._dirty or (not force and now - self._last < gap):
             return
         buf = io.BytesIO()
         pq.write_table(self.table(), buf, compression="zstd")
@@ -79,7 +100,8 @@ class ManifestWriter:
         base = f"{self.prefix}/" if self.prefix else ""
         self.store.write_bytes_atomic(f"{base}runs/{self.run_id}/{MANIFEST}", data)
         self.store.write_bytes_atomic(f"{base}{MANIFEST}", data)
-        self._last = now
+        self._last = time.monotonic()
+        self._took = self._last - now
         self._dirty = False
 
 
@@ -91,20 +113,21 @@ class ManifestGroup:
         self.writers = writers
         self.run_id = writers[0].run_id
         self._owners: dict[str, list[ManifestWriter]] = {}
-        for w in writers:
-            for key in w._by_key:
-                self._owners.setdefault(key, []).append(w)
+        if len(writers) > 1:  # one writer (a film) owns every key: no index of 100,000 lists
+            for w in writers:
+                for key in w._by_key:
+                    self._owners.setdefault(key, []).append(w)
 
     @property
     def rows(self) -> list[ManifestRow]:
         return [row for w in self.writers for row in w.rows]
 
     def update(self, key: str, **fields: Any) -> None:
-        for w in self._owners.get(key, ()):
+        for w in self._owners.get(key, ()) if self._owners else self.writers:
             w.update(key, **fields)
 
     def get(self, key: str) -> ManifestRow:
-        return self._owners[key][0].get(key)
+        return (self._owners[key][0] if self._owners else self.writers[0]).get(key)
 
     def flush(self, *, force: bool = False) -> None:
         for w in self.writers:

@@ -81,7 +81,7 @@ logger = logging.getLogger(__name__)
 
 
 # --- what is scheduled, and how -----------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a 100,000-chunk film holds 100,000 of these
 class Job:
     """One chunk as the scheduler sees it.
 
@@ -129,7 +129,7 @@ class Rules:
 
     max_attempts: int = 3
     node_failure_limit: int = 3
-    queue_depth: int = 2
+    queue_depth: int = 1  # as Settings: the simulator (``reelfarm plan --gpus``) must run what the farm runs
     timeout_factor: float = 10.0
     timeout_floor_s: float = 600.0
     load_timeout_s: float = 1800.0
@@ -309,14 +309,12 @@ class _Worker:
 
 def chain_estimates(jobs: Iterable[Job]) -> dict[str, float]:
     """Each job's estimate plus the longest chain of jobs that continue from it."""
-    jobs = list(jobs)
-    children: dict[str, list[str]] = {}
-    for j in jobs:
-        if j.depends_on:
-            children.setdefault(j.depends_on, []).append(j.key)
     chain: dict[str, float] = {}
-    for j in reversed(jobs):  # a job is listed after the one it continues from
-        chain[j.key] = j.est_s + max((chain.get(k, 0.0) for k in children.get(j.key, ())), default=0.0)
+    tail: dict[str, float] = {}  # key -> longest chain among the jobs continuing from it
+    for j in reversed(list(jobs)):  # a job is listed after the one it continues from
+        c = chain[j.key] = j.est_s + tail.get(j.key, 0.0)
+        if j.depends_on and c > tail.get(j.depends_on, 0.0):
+            tail[j.depends_on] = c
     return chain
 
 
@@ -361,7 +359,9 @@ class Scheduler:
         self._started: set[str] = set()  # cost classes with a chunk submitted
         self._unstarted = {j.cost or j.model for j in self.jobs.values()}  # not yet probed
         self._n_ready = 0
-        self._waiting: dict[str, list[_Task]] = {}
+        # Chunks waiting on a key: one, or a list when several continue from it (rare); a job
+        # never tried waits as its Job (no task yet: 100,000 chunks mostly wait).
+        self._waiting: dict[str, Job | _Task | list[Job | _Task]] = {}
         self._seq = itertools.count()
         self._out: list[Decision] = []
         self._hungry: set[str] = set()  # alive workers with room in their queue
@@ -383,7 +383,7 @@ class Scheduler:
         self.remaining = 0
         for job in self.jobs.values():
             if job.key not in self.done:
-                self._add(_Task(job, self._chain[job.key]))
+                self._add(job)
 
     # --- public ---------------------------------------------------------------------------
     @property
@@ -477,7 +477,7 @@ class Scheduler:
         self.remaining -= 1
         if e.seconds > 0 and self.learn:
             self._learn(task, e.seconds)
-        for dep in self._waiting.pop(key, []):
+        for dep in self._unwait(key):
             self._make_ready(dep)
 
     def _on_ChunkFailed(self, e: ChunkFailed) -> None:  # noqa: N802
@@ -525,7 +525,7 @@ class Scheduler:
         self.done.add(e.key)
         (self.rendered if e.ours else self.elsewhere).append(e.key)
         self.remaining -= 1
-        for dep in self._waiting.pop(e.key, []):
+        for dep in self._unwait(e.key):
             self._make_ready(dep)
 
     def _on_ChunkReleased(self, e: ChunkReleased) -> None:  # noqa: N802
@@ -552,13 +552,30 @@ class Scheduler:
                 self._fill_slots()
 
     # --- queue ----------------------------------------------------------------------------
-    def _add(self, task: _Task) -> None:
+    def _add(self, item: Job | _Task) -> None:
+        """A chunk to render: ready, or waiting on the chunk it continues from. A job not yet
+        tried waits as itself; its task (attempts, priority) is made when it is ready."""
         self.remaining += 1
-        dep = task.job.depends_on
+        dep = item.depends_on if isinstance(item, Job) else item.job.depends_on
         if dep and dep not in self.done:
-            self._waiting.setdefault(dep, []).append(task)
+            self._wait_on(dep, item)
         else:
-            self._make_ready(task)
+            self._make_ready(item if isinstance(item, _Task) else _Task(item, 0.0))
+
+    def _wait_on(self, dep: str, item: Job | _Task) -> None:
+        held = self._waiting.get(dep)
+        if held is None:
+            self._waiting[dep] = item  # the usual case: one chunk continues from ``dep``
+        elif isinstance(held, list):
+            held.append(item)
+        else:
+            self._waiting[dep] = [held, item]
+
+    def _unwait(self, key: str) -> list[_Task]:
+        """The chunks that waited on ``key``, no longer waiting."""
+        held = self._waiting.pop(key, None)
+        items = [] if held is None else held if isinstance(held, list) else [held]
+        return [t if isinstance(t, _Task) else _Task(t, 0.0) for t in items]
 
     def _make_ready(self, task: _Task) -> None:
         job = task.job
@@ -598,8 +615,11 @@ class Scheduler:
         if w.model is not None and not self._unstarted:  # the usual case: its own model's best
             own_heaps = [h for (m, _), h in self._heaps.items() if m == w.model and h]
             if len(own_heaps) == 1 and not (multi and own_heaps[0][0][2].avoid == w.wid):
-                self._n_ready -= 1
-                return heapq.heappop(own_heaps[0])[2]
+                # ...unless another model's chain is the critical path (the same test as below).
+                limit = AFFINITY_YIELD * -own_heaps[0][0][0]
+                if not multi or all(-h[0][0] <= limit for (m, _), h in self._heaps.items() if m != w.model and h):
+                    self._n_ready -= 1
+                    return heapq.heappop(own_heaps[0])[2]
         best: tuple[Any, int] | None = None  # (heap, index) per tier: probe, own model, any
         own: tuple[Any, int] | None = None
         probe: tuple[Any, int] | None = None
@@ -748,7 +768,7 @@ class Scheduler:
         self.failed_shots.setdefault(job.shot, f"{job.name}: {error}")
         self.remaining -= 1
         self._out.append(Fail(job.key, error, task.attempts))
-        for dep in self._waiting.pop(job.key, []):  # chunks that continue from it cannot start
+        for dep in self._unwait(job.key):  # chunks that continue from it cannot start
             self._fail(dep, f"blocked: {job.name} failed")
 
     def _retry(self, task: _Task, error: FarmError, wid: str | None) -> None:
@@ -773,7 +793,7 @@ class Scheduler:
         self.rerendered.add(dep)
         self.done.discard(dep)
         self._add(_Task(self.jobs[dep], self._priority(self.jobs[dep])))
-        self._waiting.setdefault(dep, []).append(task)
+        self._wait_on(dep, task)
 
     def _lose(self, w: _Worker, *, cause: FarmError | None, kill: bool = False,
               counts: bool = True) -> None:
@@ -843,6 +863,6 @@ class Scheduler:
         elif self._n_ready or self._n_queued or self.held:
             return
         for key in list(self._waiting):
-            for t in self._waiting.pop(key, []):
+            for t in self._unwait(key):
                 self._fail(t, f"blocked: dependency {self.jobs[key].name if key in self.jobs else key} "
                               "never rendered")

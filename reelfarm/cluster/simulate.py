@@ -160,6 +160,9 @@ class SimSpec:
         seed: the preemption draw.
         rules: the scheduler's policy.
         learn: the scheduler learns costs from measured chunks.
+        chunk_overhead_s: seconds each chunk holds its worker beyond its GPU time (reading the
+            chunk it continues from, encoding and committing its frames, the driver's round
+            trip); not part of the bound, which counts GPU time only.
     """
 
     gpus: int
@@ -172,6 +175,7 @@ class SimSpec:
     seed: int = 0
     rules: Rules = field(default_factory=Rules)
     learn: bool = True
+    chunk_overhead_s: float = 0.0
 
 
 @dataclass
@@ -214,15 +218,14 @@ def bound(jobs: Sequence[Job], costs: dict[str, tuple[float, int]], gpus: int) -
     The same longest-chain walk as :func:`~reelfarm.cluster.scheduler.chain_estimates`,
     on true costs, counting chunks along the way.
     """
-    children: dict[str, list[str]] = {}
-    for j in jobs:
-        if j.depends_on:
-            children.setdefault(j.depends_on, []).append(j.key)
     chain: dict[str, tuple[float, int]] = {}
+    tail: dict[str, tuple[float, int]] = {}  # key -> longest chain continuing from it
     for j in reversed(jobs):
-        kids = children.get(j.key)
-        tail = max((chain[k] for k in kids if k in chain), default=(0.0, 0)) if kids else (0.0, 0)
-        chain[j.key] = (costs[j.key][0] + tail[0], tail[1] + 1)
+        t = tail.get(j.key, (0.0, 0))
+        c = chain[j.key] = (costs[j.key][0] + t[0], t[1] + 1)
+        if j.depends_on and c > tail.get(j.depends_on, (0.0, 0)):
+            tail[j.depends_on] = c
+    del tail
     cp, n = max(chain.values(), default=(0.0, 0))
     total = sum(c for c, _ in costs.values())
     return max(total / gpus, cp), cp, n
@@ -247,7 +250,6 @@ class _Sim:
         self.node_since: dict[str, float] = {}
         self.ready_at: dict[str, float] = {}
         self.saved: dict[str, float] = {}  # key -> checkpointed seconds of work
-        self.loads_of: dict[str, str] = {j.key: j.model for j in jobs}
         self.family_load = {j.model: self._load_s(j.model) for j in jobs}
         self.held_s = 0.0
         self.load_total = 0.0
@@ -302,8 +304,9 @@ class _Sim:
         key, loads = self.queues[wid][0]
         self.started[wid] = self.now
         cost, _ = self.costs[key]
-        load = self.family_load[self.loads_of[key]] if loads else 0.0
-        self.push(self.now + load + cost - self.saved.get(key, 0.0), _FINISH, wid, self.token[wid])
+        load = self.family_load[self.sched.jobs[key].model] if loads else 0.0
+        self.push(self.now + load + cost + self.spec.chunk_overhead_s - self.saved.get(key, 0.0), _FINISH, wid,
+                  self.token[wid])
 
     def stop(self, wid: str) -> None:
         """``wid`` is gone: its running chunk keeps only what it checkpointed."""
@@ -313,7 +316,7 @@ class _Sim:
             return
         key, loads = q[0]
         cost, steps = self.costs[key]
-        load = self.family_load[self.loads_of[key]] if loads else 0.0
+        load = self.family_load[self.sched.jobs[key].model] if loads else 0.0
         ran = self.now - self.started[wid]
         done = self.saved.get(key, 0.0) + max(0.0, ran - load)
         k = self.spec.checkpoint_steps
@@ -329,9 +332,9 @@ class _Sim:
         q = self.queues[wid]
         key, loads = q.popleft()
         cost, _ = self.costs[key]
-        load = self.family_load[self.loads_of[key]] if loads else 0.0
+        load = self.family_load[self.sched.jobs[key].model] if loads else 0.0
         self.load_total += load
-        seconds = load + cost - self.saved.pop(key, 0.0)  # what the worker would report
+        seconds = load + cost + self.spec.chunk_overhead_s - self.saved.pop(key, 0.0)  # what the worker reports
         if q:  # the actor starts its next queued call before the driver hears of this one
             self.start(wid)
         self.apply(self.sched.on(ChunkDone(wid, key, seconds=seconds)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ class ChunkStore(Location):
         """COMMIT.json of ``key``: None when absent, StoreError when present but invalid."""
         # cat_file is one GET: it never consults a (possibly stale) listing cache.
         try:
-            raw = self.fs.cat_file(self._path("chunks", key, COMMIT_NAME))
+            raw = self._cat(self._path("chunks", key, COMMIT_NAME))
         except FileNotFoundError:
             return None
         try:
@@ -181,6 +182,21 @@ class ChunkStore(Location):
         if not valid:
             raise StoreError(f"chunk `{key}` has an invalid {COMMIT_NAME} at {self.chunk_url(key)}", keys=(key,))
         return commit
+
+    def _cat(self, path: str) -> bytes:
+        """One whole file: on a local disk without fsspec's file layer (a resume scan reads
+        one commit per chunk, 100,000 of them)."""
+        if self.local:
+            with open(path, "rb") as f:
+                return f.read()
+        return self.fs.cat_file(path)
+
+    def _size(self, path: str) -> int | None:
+        """A file's size, None when it is absent."""
+        try:
+            return os.stat(path).st_size if self.local else self.fs.info(path)["size"]
+        except FileNotFoundError:
+            return None
 
     def _require_commit(self, key: str) -> dict[str, Any]:
         commit = self._load_commit(_check_key(key))
@@ -219,7 +235,7 @@ class ChunkStore(Location):
         spec = commit["files"][name]
         path = self._path("chunks", key, commit["attempt"], name)
         try:
-            data = self.fs.cat_file(path)
+            data = self._cat(path)
         except FileNotFoundError:
             raise StoreError(
                 f"chunk `{key}` is partial: `{name}` of attempt {commit['attempt']} is missing", keys=(key,)) from None
@@ -237,16 +253,13 @@ class ChunkStore(Location):
         """The valid commit of ``key`` whose files are present with the right sizes (and hashes)."""
         commit = self._require_commit(key)
         attempt_dir = self._path("chunks", key, commit["attempt"])
-        # Another process may have written the attempt after we listed its parent.
-        self.fs.invalidate_cache(attempt_dir)
+        if not self.local:  # another process may have written the attempt after we listed its parent
+            self.fs.invalidate_cache(attempt_dir)
         for name, spec in commit["files"].items():
             if verify:
                 self._read_file(key, commit, name)
                 continue
-            try:
-                size = self.fs.info(f"{attempt_dir}/{name}")["size"]
-            except FileNotFoundError:
-                size = None
+            size = self._size(f"{attempt_dir}/{name}")
             if size != spec["size"]:
                 raise StoreError(
                     f"chunk `{key}` is partial: `{name}` of attempt {commit['attempt']} "
@@ -270,6 +283,16 @@ class ChunkStore(Location):
             logger.debug("%s", err)
             return False
         return True
+
+    def committed(self, key: str, *, verify: bool = False) -> ChunkRecord | None:
+        """The record of ``key`` when :meth:`is_complete` holds, else None (one read of its commit)."""
+        _check_key(key)
+        try:
+            commit = self._check(key, verify=verify)
+        except StoreError as err:
+            logger.debug("%s", err)
+            return None
+        return self._record(key, commit)
 
     # --- chunks ------------------------------------------------------------------------------
 

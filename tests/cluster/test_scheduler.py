@@ -335,3 +335,15 @@ def test_rule8_a_draining_node_gets_no_new_chunk_nor_worker_and_its_loss_is_not_
         assert wid == "b"
         s.on(ChunkDone(wid, key))
     assert sorted(s.rendered) == sorted(j.key for j in jobs)
+
+
+
+def test_a_worker_leaves_its_model_for_a_chain_over_twice_as_long_once_every_class_has_started():
+    # Rule 3's exception, also on the quick path taken once every cost class has been probed.
+    jobs = [single(f"x{i}", model="a") for i in range(4)] + chain("p", 6, model="b") + chain("q", 6, model="b")
+    s, _ = start(jobs, workers=())
+    first = submits(s.on(WorkerReady("w1", "n1", holds="a")) + s.on(WorkerReady("w2", "n1", holds="b")))
+    assert len(first) == 2 and {k[0] for k, _ in first} == {"p", "x"} and not s._unstarted
+    single_key, worker = next((k, w) for k, w in first if k.startswith("x"))
+    # That worker now holds "a", and "a" singles are ready; a "b" chain of 6 is over twice as long.
+    assert submits(s.on(ChunkDone(worker, single_key, seconds=1.0))) == [("q0", worker)]

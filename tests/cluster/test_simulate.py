@@ -99,3 +99,16 @@ def test_learning_holds_the_critical_path_under_a_3x_wrong_estimate():
     off = simulate(jobs, costs, SimSpec(**{**spec.__dict__, "learn": False}))
     assert on.makespan == on.bound == 60.0
     assert off.makespan == 90.0  # the chain waits behind the singles
+
+
+def test_a_per_chunk_overhead_holds_the_worker_but_is_not_part_of_the_bound():
+    jobs, costs = independent(20, 3.0)
+    r = simulate(jobs, costs, SimSpec(gpus=8, load_s=0, chunk_overhead_s=0.5))
+    assert r.makespan == pytest.approx(3 * 3.5) and r.bound == pytest.approx(20 * 3.0 / 8)
+
+
+def test_the_simulator_runs_the_farm_default_rules():
+    from reelfarm.cluster.scheduler import Rules
+    from reelfarm.settings import Settings
+
+    assert SimSpec(gpus=1).rules == Rules.from_settings(Settings.model_construct())
