@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reelfarm.errors import StoreError
-from reelfarm.render.codec import check_frames, decode_frames, encode_frames, ffv1_pix_fmt
+from reelfarm.render.codec import check_frames, decode_frame, decode_frames, encode_frames, ffv1_pix_fmt
 from reelfarm.storage import Location
 
 if TYPE_CHECKING:
@@ -379,6 +379,25 @@ class ChunkStore(Location):
             raise StoreError(
                 f"chunk `{key}` is undecodable: decoded {frames.shape}, the commit says {expected}", keys=(key,))
         return frames
+
+    def read_frame(self, key: str, index: int) -> np.ndarray:
+        """Frame ``index`` of the committed chunk ``key``, ``H x W x 3``, checksum verified (the
+        whole file), without decoding the frames before it.
+
+        Raises:
+            StoreError: as :meth:`read_frames`, or ``index`` is not one of its frames.
+        """
+        commit = self._require_commit(key)
+        data = self._read_file(key, commit, FRAMES_NAME)
+        try:
+            frame = decode_frame(data, index, num_frames=commit["num_frames"])
+        except Exception as err:
+            raise StoreError(f"chunk `{key}`: frame {index} is undecodable: {type(err).__name__}: {err}",
+                             keys=(key,)) from None
+        if frame.shape != (commit["height"], commit["width"], 3):
+            raise StoreError(f"chunk `{key}`: frame {index} decoded {frame.shape}, the commit says "
+                             f"{(commit['height'], commit['width'], 3)}", keys=(key,))
+        return frame
 
     def read_latents(self, key: str) -> torch.Tensor | None:
         """The committed final latents of ``key`` (CPU tensor), or None when it has none."""

@@ -327,8 +327,8 @@ class ChunkWorker:
                 raise BackendError(f"{chunk.name}: the keyframe of shot {shot.shot_id!r} is not readable "
                                    f"(the keyframe stage commits it before any chunk): {e}") from None
 
-        prev = store.read_frames(chunk.depends_on)
-        return Condition(image=prev[shot.continuation_frame(chunk)],
+        # One frame of the previous chunk (decoded alone: FFV1 frames are all keyframes).
+        return Condition(image=store.read_frame(chunk.depends_on, shot.continuation_frame(chunk)),
                          latents=store.read_latents(chunk.depends_on))
 
     def close(self) -> None:

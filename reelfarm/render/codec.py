@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CONTAINER_RATE", "check_frames", "decode_frames", "encode_frames", "ffv1_pix_fmt"]
+__all__ = ["CONTAINER_RATE", "check_frames", "decode_frame", "decode_frames", "encode_frames", "ffv1_pix_fmt"]
 
 # The frame rate written into the container. The store keeps frames, not timing: the plan
 # owns the film's frame rate, and stitching sets it again.
@@ -97,6 +97,34 @@ def decode_frames(data: bytes, *, num_frames: int | None = None) -> np.ndarray:
     if count != num_frames or out is None:
         raise ValueError(f"{count} frames, {num_frames} expected")
     return out
+
+
+def decode_frame(data: bytes, index: int, *, num_frames: int) -> np.ndarray:
+    """Frame ``index`` of what :func:`encode_frames` wrote, ``H x W x 3`` uint8 RGB, without
+    decoding the frames before it: every FFV1 frame is a keyframe, so a seek lands on it.
+    (A chained chunk needs one frame of the chunk before it, usually near its end.)
+
+    Raises:
+        ValueError: ``index`` outside ``0..num_frames - 1``, or the file does not have it.
+    """
+    import av
+
+    if not 0 <= index < num_frames:
+        raise ValueError(f"frame {index} of a {num_frames}-frame chunk")
+    with av.open(io.BytesIO(data), mode="r", format="matroska") as container:
+        stream = container.streams.video[0]
+        rate, base = stream.average_rate or stream.base_rate, stream.time_base
+        if rate and base and index:
+            container.seek(int(round(index / (rate * base))), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            at = int(round(frame.pts * base * rate)) if frame.pts is not None and rate and base else None
+            if at is None:  # no timestamps to go by: count from the start instead
+                break
+            if at == index:
+                return np.ascontiguousarray(_rgb_view(frame))
+            if at > index:
+                break
+    return decode_frames(data, num_frames=num_frames)[index]  # the slow way, still right
 
 
 def _rgb_view(frame: Any) -> np.ndarray:

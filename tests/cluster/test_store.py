@@ -71,6 +71,7 @@ def test_write_read_round_trip_is_bit_exact(store: ChunkStore, shape: tuple[int,
     assert store.record(KEY) == record
     assert store.is_complete(KEY) and store.is_complete(KEY, verify=True)
     np.testing.assert_array_equal(store.read_frames(KEY), frames)
+    np.testing.assert_array_equal(store.read_frame(KEY, shape[0] - 1), frames[-1])
     assert store.read_sidecar(KEY) == {"seed": 7, "worker": "w1"}
     assert store.read_latents(KEY) is None
 
@@ -148,6 +149,8 @@ def test_bit_flip_fails_the_checksum(store: ChunkStore) -> None:
     assert not store.is_complete(KEY, verify=True)
     with pytest.raises(StoreError, match=f"chunk `{KEY}` fails its checksum.*checksum mismatch"):
         store.read_frames(KEY)
+    with pytest.raises(StoreError, match=f"chunk `{KEY}` fails its checksum"):  # one frame: whole file checked
+        store.read_frame(KEY, 2)
 
 
 def test_undecodable_frames_are_caught(store: ChunkStore) -> None:
