@@ -201,7 +201,6 @@ class FarmPeer:
     name = "reelfarm"
 
     def __init__(self, cluster: Any, plan: Any, scale: float, tmp: Path) -> None:
-        import ray
 
         import reelfarm.cluster.farm as farm_mod
         from reelfarm.cluster.farm import Farm
@@ -209,7 +208,7 @@ class FarmPeer:
         from reelfarm.settings import Settings
 
         self._mod, self._saved = farm_mod, farm_mod._RemoteWorker
-        farm_mod._RemoteWorker = ray.remote(sleeping_worker(scale))
+        farm_mod._RemoteWorker = farm_mod.remote_worker(sleeping_worker(scale))
         self.tmp, self.plan, self.runs = tmp, plan, 0
         self.farm = Farm(ChunkStore(str(tmp / "farm-warm")), Settings(address=cluster.address))
         self.farm.start()

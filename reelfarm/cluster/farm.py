@@ -57,8 +57,15 @@ from reelfarm.settings import Settings
 __all__ = ["Farm", "FarmStats", "RenderSummary"]
 
 logger = logging.getLogger(__name__)
-# One chunk at a time (the default group); "control" calls (checkpoint_now) run beside it.
-_RemoteWorker = ray.remote(concurrency_groups={"control": 1})(ChunkWorker)  # type: ignore[call-overload]
+
+
+def remote_worker(cls: type[ChunkWorker] = ChunkWorker) -> Any:
+    """``cls`` (ChunkWorker or a subclass: benchmarks, drills) as the farm's actor class: one
+    chunk at a time (the default group), "control" calls (``checkpoint_now``) beside it."""
+    return ray.remote(concurrency_groups={"control": 1})(cls)  # type: ignore[call-overload]
+
+
+_RemoteWorker = remote_worker()
 NODE_SYNC_S = 5.0  # how often the cluster's nodes are read again during a render
 HELD_POLL_S = 1.0  # how often chunks another run holds are looked at
 DRAIN_POLL_S = 1.0  # how often Ray is asked which nodes it is draining
