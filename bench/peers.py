@@ -44,8 +44,6 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -469,29 +467,13 @@ def zero_cost(n: int, repeat: int, tmp: Path) -> dict[str, Any]:
             "driver_cpu_ms_per_chunk": statistics.median(cpus) / n * 1e3}
 
 
-RSS = """
-import sys
-from reelfarm.cluster.scheduler import Job
-from reelfarm.cluster.simulate import SimSpec, simulate
-n = int(sys.argv[1])
-def hwm():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
-before = hwm()
-jobs = [Job(f"{i:032x}", f"s{i // 10}/chunk-{i % 10}", f"s{i // 10}", 30.0, "wan",
-            f"{i - 1:032x}" if i % 10 else None, cost="wan", frames=81) for i in range(n)]
-simulate(jobs, {j.key: (30.0, 40) for j in jobs}, SimSpec(gpus=64, load_s=0))
-print(before, hwm())
-"""
-
-
 def driver_rss() -> list[dict[str, Any]]:
     """Peak RSS of a scheduler run (the farm's driver state, simulated), fresh process per size."""
-    out = []
-    for n in (1_000, 10_000, 100_000):
-        before, after = map(int, subprocess.run([sys.executable, "-c", RSS, str(n)], capture_output=True, text=True,
-                                                check=True, cwd=ROOT).stdout.split())
-        out.append({"chunks": n, "peak_kib": after, "baseline_kib": before})
-        print(f"  RSS {n:,} chunks: {after / 1024:.0f} MiB", flush=True)
+    from bench.simulate import scheduler_rss
+
+    out = scheduler_rss()
+    for r in out:
+        print(f"  RSS {r['chunks']:,} chunks: {r['peak_kib'] / 1024:.0f} MiB", flush=True)
     return out
 
 

@@ -46,6 +46,17 @@ print(before, hwm())
 """
 
 
+def scheduler_rss(sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> list[dict[str, int]]:
+    """Peak RSS (KiB) of a simulated scheduler run per film size, each in a fresh interpreter:
+    the farm's driver state without Ray. ``baseline_kib`` is the interpreter before the run."""
+    out = []
+    for n in sizes:
+        before, after = map(int, subprocess.run([sys.executable, "-c", RSS, str(n)], capture_output=True,
+                                                text=True, check=True, cwd=HERE.parent).stdout.split())
+        out.append({"chunks": n, "peak_kib": after, "baseline_kib": before})
+    return out
+
+
 def two_hour_film() -> Film:
     """720 shots of 10 s at 24 fps, Wan 832x480, 81-frame chunks chained."""
     sha = "0" * 64
@@ -183,14 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     # 3. Scheduler RSS, each size in a fresh interpreter (simulated run, 64 GPUs).
     lines += ["", "## Driver RSS of a scheduler run (simulated, fresh process each)", "",
               "| chunks | peak RSS MiB | of which the run | per chunk KiB |", "|---:|---:|---:|---:|"]
-    doc["rss"] = []
-    for n in (1_000, 10_000, 100_000):
-        out = subprocess.run([sys.executable, "-c", RSS, str(n)], capture_output=True, text=True, check=True,
-                             cwd=HERE.parent).stdout.split()
-        before, after = int(out[0]), int(out[1])
+    doc["rss"] = scheduler_rss()
+    for r in doc["rss"]:
+        n, before, after = r["chunks"], r["baseline_kib"], r["peak_kib"]
         lines.append(f"| {n:,} | {after / 1024:.0f} | {(after - before) / 1024:.0f} | "
                      f"{(after - before) / n:.2f} |")
-        doc["rss"].append({"chunks": n, "peak_kib": after, "baseline_kib": before})
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
