@@ -54,6 +54,17 @@ def test_tiny_wan_film_renders_on_the_farm(tmp_path):
             np.testing.assert_array_equal(other.read_frames(c.key), store.read_frames(c.key))
 
 
+def _one_chunk_ltx_film(tmp_path, *, steps: int):
+    """A one-shot, one-chunk film on the tiny LTX (32x32, 9 frames), one character."""
+    model = {"backend": "diffusers", "family": "ltx", "id": str(tp.saved_model_dir("ltx")),
+             "steps": steps, "dtype": "float32", "max_sequence_length": 16, "chunk_frames": 9,
+             "overlap": 1}
+    shots = [{"id": "s01_010", "frames": 9, "prompt": "a candle flame", "characters": ["flame"]}]
+    spec = write_film(tmp_path / "spec", shots=shots, characters=("flame",), resolution=[32, 32],
+                      model=model)
+    return plan_film(load_film(spec))
+
+
 def test_a_chunk_killed_after_a_checkpoint_resumes_on_another_worker(tmp_path):
     """The render that died wrote its checkpoint at step 2 of 4 into OUT (here in this test's
     process); the farm's worker (another process) resumes it, runs 2 steps, and commits the
@@ -68,13 +79,7 @@ def test_a_chunk_killed_after_a_checkpoint_resumes_on_another_worker(tmp_path):
     except ImportError:  # pragma: no cover - depends on how pytest set sys.path
         from test_checkpoints import Killed, KilledAfter  # type: ignore[no-redef]
 
-    model = {"backend": "diffusers", "family": "ltx", "id": str(tp.saved_model_dir("ltx")),
-             "steps": 4, "dtype": "float32", "max_sequence_length": 16, "chunk_frames": 9,
-             "overlap": 1}
-    shots = [{"id": "s01_010", "frames": 9, "prompt": "a candle flame", "characters": ["flame"]}]
-    spec = write_film(tmp_path / "spec", shots=shots, characters=("flame",), resolution=[32, 32],
-                      model=model)
-    plan = plan_film(load_film(spec))
+    plan = _one_chunk_ltx_film(tmp_path, steps=4)
     shot, chunk = plan.shots[0], plan.shots[0].chunks[0]
     store = ChunkStore(str(tmp_path / "a"))
 
@@ -117,13 +122,7 @@ def test_a_worker_on_a_draining_node_checkpoints_its_running_chunk_when_asked(tm
     from reelfarm.cluster.farm import _RemoteWorker
     from reelfarm.render.checkpoints import CheckpointPolicy
 
-    model = {"backend": "diffusers", "family": "ltx", "id": str(tp.saved_model_dir("ltx")),
-             "steps": 40, "dtype": "float32", "max_sequence_length": 16, "chunk_frames": 9,
-             "overlap": 1}
-    shots = [{"id": "s01_010", "frames": 9, "prompt": "a candle flame", "characters": ["flame"]}]
-    spec = write_film(tmp_path / "spec", shots=shots, characters=("flame",), resolution=[32, 32],
-                      model=model)
-    plan = plan_film(load_film(spec))
+    plan = _one_chunk_ltx_film(tmp_path, steps=40)
     shot, chunk = plan.shots[0], plan.shots[0].chunks[0]
     store = ChunkStore(str(tmp_path / "out"))
     worker = _RemoteWorker.options(num_cpus=1).remote("drill/cpu-0", 0.0, CheckpointPolicy(every=0))
