@@ -29,7 +29,7 @@ import torch
 from diffusers import WanImageToVideoPipeline
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
-from reelfarm.render.diffusers.family import FamilyRunner, SampleJob, to_uint8
+from reelfarm.render.diffusers.family import FamilyRunner, Memo, SampleJob, to_uint8
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -102,10 +102,23 @@ class WanPrecomputedPipeline(WanImageToVideoPipeline):
 
 
 class WanGeometry:
-    """Frame and size rules every Wan 2.x runner shares: the VAE's compression and the
-    transformer's spatial patch."""
+    """What every Wan 2.x runner shares: the frame and size rules (the VAE's compression, the
+    transformer's spatial patch) and the memoised UMT5 prompt embeddings."""
 
     pipe: Any
+    memo: Memo
+    execution_device: Any
+
+    def prompt_embeds(self, job: SampleJob) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's and negative prompt's embeddings, once per shot and worker."""
+        cfg = job.guidance_scale > 1.0
+        return self.memo.get(
+            ("prompt", job.prompt, job.negative_prompt, cfg),
+            lambda: self.pipe.encode_prompt(
+                job.prompt, job.negative_prompt, do_classifier_free_guidance=cfg,
+                max_sequence_length=WAN_TEXT_TOKENS, device=self.execution_device,
+            ),
+        )  # fmt: skip
 
     @property
     def temporal_ratio(self) -> int:
@@ -159,14 +172,7 @@ class WanRunner(WanGeometry, FamilyRunner):
 
     def sample_precomputed(self, job: SampleJob, generator: torch.Generator) -> Any:
         pipe, device = self.pipe, self.execution_device
-        cfg = job.guidance_scale > 1.0
-        prompt_embeds, negative_embeds = self.memo.get(
-            ("prompt", job.prompt, job.negative_prompt, cfg),
-            lambda: pipe.encode_prompt(
-                job.prompt, job.negative_prompt, do_classifier_free_guidance=cfg,
-                max_sequence_length=WAN_TEXT_TOKENS, device=device,
-            ),
-        )  # fmt: skip
+        prompt_embeds, negative_embeds = self.prompt_embeds(job)
         image_embeds = job.identity
         if image_embeds is None and self.has_clip:
             image_embeds = self.memo.get(

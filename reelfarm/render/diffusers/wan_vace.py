@@ -189,15 +189,8 @@ class WanVACERunner(WanGeometry, FamilyRunner):
         return out.frames
 
     def sample_precomputed(self, job: SampleJob, generator: torch.Generator) -> Any:
-        pipe, device = self.pipe, self.execution_device
-        cfg = job.guidance_scale > 1.0
-        prompt_embeds, negative_embeds = self.memo.get(
-            ("prompt", job.prompt, job.negative_prompt, cfg),
-            lambda: pipe.encode_prompt(
-                job.prompt, job.negative_prompt, do_classifier_free_guidance=cfg,
-                max_sequence_length=WAN_TEXT_TOKENS, device=device,
-            ),
-        )  # fmt: skip
+        pipe = self.pipe
+        prompt_embeds, negative_embeds = self.prompt_embeds(job)
         references = []
         for image in self._references(job):
             key = ("reference", image_key(np.asarray(image)), job.width, job.height)
